@@ -1,0 +1,1 @@
+"""HTTP routes: thin; they authenticate, call the domain, and raise."""

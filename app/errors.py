@@ -1,0 +1,208 @@
+"""Every way an intake request can fail, as one tree.
+
+Each leaf carries the HTTP status it is answered with and the Orthanc error
+(name and code from Orthanc's ``ErrorCode`` enumeration) that the public
+listener puts in its Orthanc-shaped JSON. Nothing here imports FastAPI.
+
+::
+
+    IntakeError
+    ├── Unauthenticated ............. 401  (carries WWW-Authenticate)
+    ├── NotFound .................... 404  (no such route on the public listener)
+    ├── MethodNotAllowed ............ 405
+    ├── ClientTimeout ............... 408  (body trickled slower than allowed)
+    ├── InstanceTooLarge ............ 413  (body or inflated body over the cap)
+    ├── UnsupportedEncoding ......... 415  (Content-Encoding other than gzip/identity)
+    ├── BadUpload ................... 400  (the bytes are not an acceptable instance)
+    │   ├── NotDicom                  no DICM prefix, garbage, truncated, empty
+    │   ├── MalformedDicom            lengths past the end, bad item structure
+    │   ├── MissingTag                a required attribute is absent or empty
+    │   ├── InvalidUid                a UID breaks PS3.5 §9.1
+    │   ├── MetaMismatch              File Meta disagrees with the dataset
+    │   ├── UnsupportedTransferSyntax unknown or private transfer syntax
+    │   ├── NestingTooDeep            sequences nested deeper than the cap
+    │   ├── TooManyElements           more data elements than the cap
+    │   ├── InflateLimitExceeded      Deflated transfer syntax inflates past the cap
+    │   ├── CorruptCompression        gzip / deflate stream is not valid
+    │   └── RefusedPreamble           executable preamble (CVE-2019-11687)
+    ├── SpoolFull ................... 507  (carries Retry-After)
+    └── ServiceUnavailable .......... 503  (carries Retry-After; database down)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+class IntakeError(Exception):
+    """Base of the tree; ``detail`` is the precise, human-readable reason."""
+
+    status_code: int = 500
+    orthanc_error: str = "Internal error"
+    orthanc_status: int = -1
+    message: str = "Internal error"
+    reason: str = "internal_error"
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return {}
+
+
+class Unauthenticated(IntakeError):
+    status_code = 401
+    orthanc_error = "Unauthorized"
+    orthanc_status = 29
+    message = "Unauthorized"
+    reason = "unauthenticated"
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return {"WWW-Authenticate": 'Basic realm="Orthanc Intake"'}
+
+
+class NotFound(IntakeError):
+    status_code = 404
+    orthanc_error = "Unknown resource"
+    orthanc_status = 17
+    message = "Unknown resource"
+    reason = "not_found"
+
+
+class MethodNotAllowed(IntakeError):
+    status_code = 405
+    orthanc_error = "Bad request"
+    orthanc_status = 8
+    message = "Method not allowed"
+    reason = "method_not_allowed"
+
+
+class ClientTimeout(IntakeError):
+    status_code = 408
+    orthanc_error = "Timeout"
+    orthanc_status = 16
+    message = "Request body timeout"
+    reason = "client_timeout"
+
+
+class InstanceTooLarge(IntakeError):
+    status_code = 413
+    orthanc_error = "Bad request"
+    orthanc_status = 8
+    message = "Instance too large"
+    reason = "too_large"
+
+
+class UnsupportedEncoding(IntakeError):
+    status_code = 415
+    orthanc_error = "Bad request"
+    orthanc_status = 8
+    message = "Unsupported content encoding"
+    reason = "unsupported_encoding"
+
+
+class BadUpload(IntakeError):
+    status_code = 400
+    orthanc_error = "Bad file format"
+    orthanc_status = 15
+    message = "Bad file format"
+    reason = "bad_file"
+
+
+class NotDicom(BadUpload):
+    reason = "not_dicom"
+
+
+class MalformedDicom(BadUpload):
+    reason = "malformed"
+
+
+class MissingTag(BadUpload):
+    orthanc_error = "Inexistent tag"
+    orthanc_status = 21
+    message = "Inexistent tag"
+    reason = "missing_tag"
+
+
+class InvalidUid(BadUpload):
+    reason = "invalid_uid"
+
+
+class MetaMismatch(BadUpload):
+    reason = "meta_mismatch"
+
+
+class UnsupportedTransferSyntax(BadUpload):
+    reason = "unsupported_transfer_syntax"
+
+
+class NestingTooDeep(BadUpload):
+    reason = "nesting_too_deep"
+
+
+class TooManyElements(BadUpload):
+    reason = "too_many_elements"
+
+
+class InflateLimitExceeded(BadUpload):
+    reason = "inflate_limit"
+
+
+class CorruptCompression(BadUpload):
+    reason = "corrupt_compression"
+
+
+class RefusedPreamble(BadUpload):
+    message = "Refused preamble"
+    reason = "executable_preamble"
+
+
+class SpoolFull(IntakeError):
+    status_code = 507
+    orthanc_error = "The file storage is full"
+    orthanc_status = 19
+    message = "The file storage is full"
+    reason = "spool_full"
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return {"Retry-After": "60"}
+
+
+class ServiceUnavailable(IntakeError):
+    status_code = 503
+    orthanc_error = "The database is currently not available"
+    orthanc_status = 36
+    message = "Service unavailable"
+    reason = "unavailable"
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return {"Retry-After": "10"}
+
+
+class ForwardError(Exception):
+    """Delivery to the private Orthanc failed; never rendered to a site.
+
+    ::
+
+        ForwardError
+        ├── OrthancUnavailable   unreachable, timed out, or a 5xx answer: retried
+        └── OrthancRefused       a 4xx answer: the instance is quarantined
+    """
+
+    def __init__(self, detail: str, *, answered: bool = False) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.answered = answered  # True when Orthanc sent an HTTP answer
+
+
+class OrthancUnavailable(ForwardError):
+    pass
+
+
+class OrthancRefused(ForwardError):
+    pass

@@ -1,0 +1,267 @@
+"""Delivery of queued uploads to the private Orthanc: claims, retries, quarantine.
+
+Each worker claims one due row at a time with a lease (``FOR UPDATE SKIP LOCKED``
+on PostgreSQL; SQLite serialises writers with BEGIN IMMEDIATE), so several intake
+processes can share a database and a dead process's rows come back when their
+lease ends. Orthanc being unreachable is waited out for ever, with back-off;
+error answers (5xx) are retried up to ``forward_max_attempts`` and refusals
+(4xx) are quarantined at once, the file kept for an admin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import random
+import socket
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from sqlalchemy import or_, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.errors import ForwardError, OrthancRefused
+from app.models import State, Upload, utcnow
+from app.orthanc import OrthancClient
+from app.settings import Settings
+from app.spool import QUARANTINE, QUEUE, Spool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Claim:
+    id: int
+    receipt: str
+    spool_name: str
+    sha256: str | None
+    expected_id: str | None
+    attempts: int
+    failed_answers: int
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with path.open("rb") as file:
+        while chunk := file.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Forwarder:
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        spool: Spool,
+        orthanc: OrthancClient,
+    ) -> None:
+        self._settings = settings
+        self._sessions = sessions
+        self._spool = spool
+        self._orthanc = orthanc
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self._wake = asyncio.Event()
+        self._orthanc_down_logged = False
+
+    def notify(self) -> None:
+        """A row was queued: wake the workers now rather than at the next poll."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Deliver until cancelled."""
+        workers = [
+            asyncio.create_task(self._worker(), name=f"forwarder-{i}")
+            for i in range(self._settings.forward_concurrency)
+        ]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+
+    async def _worker(self) -> None:
+        while True:
+            try:
+                claim = await asyncio.to_thread(self._claim)
+            except SQLAlchemyError as exc:
+                log.error("forwarder cannot reach the database: %s", exc)
+                claim = None
+            if claim is None:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._settings.forward_poll_seconds)
+                continue
+            await self.deliver(claim)
+
+    def _claim(self) -> _Claim | None:
+        now = utcnow()
+        with self._sessions() as session:
+            row = session.scalars(
+                select(Upload)
+                .where(
+                    Upload.state == State.QUEUED,
+                    Upload.next_attempt_at <= now,
+                    or_(Upload.lease_until.is_(None), Upload.lease_until < now),
+                )
+                .order_by(Upload.next_attempt_at, Upload.id)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            ).first()
+            if row is None:
+                return None
+            row.lease_owner = self.owner
+            row.lease_until = now + timedelta(seconds=self._settings.forward_lease_seconds)
+            claim = _Claim(
+                id=row.id,
+                receipt=row.receipt,
+                spool_name=row.spool_name or "",
+                sha256=row.sha256,
+                expected_id=row.orthanc_instance_id,
+                attempts=row.attempts,
+                failed_answers=row.failed_answers,
+            )
+            session.commit()
+        return claim
+
+    async def deliver(self, claim: _Claim) -> None:
+        """One attempt at one claimed row; the row always leaves the lease behind."""
+        path = self._spool.path(QUEUE, claim.spool_name)
+        if not path.exists():
+            await asyncio.to_thread(
+                self._quarantine,
+                claim,
+                "spool_file_missing",
+                f"the spool file {claim.spool_name} is missing; the upload cannot be forwarded",
+            )
+            return
+        started = time.perf_counter()
+        try:
+            stored = await self._orthanc.store_instance(path)
+            if stored.status == "AlreadyStored" and not await self._same_bytes(stored.id, path):
+                await asyncio.to_thread(
+                    self._quarantine,
+                    claim,
+                    "conflict",
+                    f"Orthanc already holds instance {stored.id} with different bytes; "
+                    "it kept its copy and ignored this one",
+                )
+                return
+        except OrthancRefused as exc:
+            await asyncio.to_thread(self._quarantine, claim, "orthanc_refused", exc.detail)
+            return
+        except ForwardError as exc:
+            await asyncio.to_thread(self._retry_later, claim, exc)
+            return
+        if claim.expected_id and stored.id != claim.expected_id:
+            log.warning(
+                "receipt=%s Orthanc ID %s differs from the computed %s",
+                claim.receipt,
+                stored.id,
+                claim.expected_id,
+            )
+        await asyncio.to_thread(self._mark_forwarded, claim, stored.id, stored.status)
+        self._orthanc_down_logged = False
+        log.info(
+            "forwarded receipt=%s orthanc_id=%s status=%s ms=%.1f",
+            claim.receipt,
+            stored.id,
+            stored.status,
+            (time.perf_counter() - started) * 1000,
+        )
+
+    async def _same_bytes(self, instance_id: str, path: Path) -> bool:
+        remote = await self._orthanc.stored_md5(instance_id)
+        if remote is None:
+            return True  # Orthanc keeps no MD5: nothing to compare, trust its answer
+        return remote == await asyncio.to_thread(_md5, path)
+
+    def _mark_forwarded(self, claim: _Claim, orthanc_id: str, status: str) -> None:
+        with self._sessions() as session:
+            row = session.get_one(Upload, claim.id)
+            row.state = State.FORWARDED
+            row.orthanc_instance_id = orthanc_id
+            row.orthanc_status = status
+            row.forwarded_at = utcnow()
+            row.attempts = claim.attempts + 1
+            row.lease_owner = row.lease_until = row.next_attempt_at = None
+            row.reason = row.detail = None
+            session.commit()
+        # Orthanc has it and the row says so: the spool copy has done its job.
+        self._spool.discard(self._spool.path(QUEUE, claim.spool_name))
+
+    def _quarantine(self, claim: _Claim, reason: str, detail: str) -> None:
+        source = self._spool.path(QUEUE, claim.spool_name)
+        if source.exists():
+            self._spool.keep(source, QUARANTINE, claim.spool_name)
+        with self._sessions() as session:
+            row = session.get_one(Upload, claim.id)
+            row.state = State.QUARANTINED
+            row.reason = reason
+            row.detail = detail
+            row.attempts = claim.attempts + 1
+            row.lease_owner = row.lease_until = row.next_attempt_at = None
+            session.commit()
+        log.warning("quarantined receipt=%s reason=%s detail=%s", claim.receipt, reason, detail)
+
+    def _retry_later(self, claim: _Claim, error: ForwardError) -> None:
+        failed = claim.failed_answers + (1 if error.answered else 0)
+        if failed >= self._settings.forward_max_attempts:
+            self._quarantine(
+                claim, "gave_up", f"Orthanc kept failing ({failed} error answers): {error.detail}"
+            )
+            return
+        attempts = claim.attempts + 1
+        delay = min(
+            self._settings.forward_retry_max_seconds,
+            self._settings.forward_retry_base_seconds * 2 ** min(attempts - 1, 30),
+        )
+        delay *= random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not cryptography
+        with self._sessions() as session:
+            row = session.get_one(Upload, claim.id)
+            row.attempts = attempts
+            row.failed_answers = failed
+            row.reason = "orthanc_unavailable"
+            row.detail = error.detail
+            row.next_attempt_at = utcnow() + timedelta(seconds=delay)
+            row.lease_owner = row.lease_until = None
+            session.commit()
+        if not error.answered and self._orthanc_down_logged:
+            return
+        self._orthanc_down_logged = not error.answered
+        log.warning(
+            "forward of receipt=%s failed (%s); holding it, next try in %.1fs",
+            claim.receipt,
+            error.detail,
+            delay,
+        )
+
+    def recover(self) -> None:
+        """At start-up: drop half-received files and orphans; flag rows that lost their file."""
+        now = time.time()
+        grace = self._settings.orphan_grace_seconds
+        for leftover in (self._spool.root / "tmp").glob("*.part"):
+            if now - leftover.stat().st_mtime >= grace:
+                self._spool.discard(leftover)
+        with self._sessions() as session:
+            for file in (self._spool.root / QUEUE).glob("*.dcm"):
+                state = session.scalar(select(Upload.state).where(Upload.receipt == file.stem))
+                # No row yet may mean another process is between rename and commit.
+                orphan = state is None and now - file.stat().st_mtime >= grace
+                if orphan or (state is not None and state != State.QUEUED):
+                    log.warning("removing spool file %s: no queued upload needs it", file.name)
+                    self._spool.discard(file)
+            for row in session.scalars(select(Upload).where(Upload.state == State.QUEUED)):
+                if not self._spool.path(QUEUE, row.spool_name or "").is_file():
+                    row.state = State.QUARANTINED
+                    row.reason = "spool_file_missing"
+                    row.detail = f"the spool file {row.spool_name} was missing at start-up"
+                    log.error("receipt=%s lost its spool file; quarantined", row.receipt)
+            session.commit()

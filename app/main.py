@@ -1,0 +1,124 @@
+"""The two ASGI apps, and `serve`, which runs both listeners and the forwarder."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Iterator
+
+import uvicorn
+from fastapi import FastAPI
+
+from app.api import admin, public
+from app.api.errors import install_orthanc_errors
+from app.service import Service
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _lifespan(settings: Settings, service: Service | None):  # type: ignore[no-untyped-def]
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if service is not None:
+            app.state.service = service
+            yield
+            return
+        owned = Service(settings)
+        await owned.start()
+        app.state.service = owned
+        try:
+            yield
+        finally:
+            await owned.stop()
+
+    return lifespan
+
+
+def create_public_app(settings: Settings, service: Service | None = None) -> FastAPI:
+    app = FastAPI(
+        title="Orthanc Intake (public)",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        lifespan=_lifespan(settings, service),
+    )
+    app.router.redirect_slashes = False
+    app.include_router(public.router)
+    install_orthanc_errors(app)
+    return app
+
+
+def create_admin_app(settings: Settings, service: Service | None = None) -> FastAPI:
+    app = FastAPI(title="Orthanc Intake (admin)", lifespan=_lifespan(settings, service))
+    app.include_router(admin.router)
+    return app
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signals to `serve`, which runs two of them."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _config(app: FastAPI, host: str, port: int, settings: Settings, tls: bool) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        proxy_headers=False,  # X-Forwarded-For is trusted only per configuration (later)
+        server_header=False,
+        timeout_keep_alive=75,  # longer than an Orthanc peer's idle gap between instances
+        ssl_certfile=str(settings.tls_certfile) if tls and settings.tls_certfile else None,
+        ssl_keyfile=str(settings.tls_keyfile) if tls and settings.tls_keyfile else None,
+    )
+
+
+async def serve(settings: Settings) -> None:
+    """Run the public and admin listeners and the forwarder until SIGINT/SIGTERM."""
+    service = Service(settings)
+    await service.start()
+    public_server = _Server(
+        _config(
+            create_public_app(settings, service),
+            settings.public_host,
+            settings.public_port,
+            settings,
+            settings.tls_enabled,
+        )
+    )
+    admin_server = _Server(
+        _config(
+            create_admin_app(settings, service),
+            settings.admin_host,
+            settings.admin_port,
+            settings,
+            False,
+        )
+    )
+    loop = asyncio.get_running_loop()
+
+    def _stop() -> None:
+        public_server.should_exit = True
+        admin_server.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, _stop)
+    log.info(
+        "public listener on %s:%s (%s), admin listener on %s:%s",
+        settings.public_host,
+        settings.public_port,
+        "https" if settings.tls_enabled else "http",
+        settings.admin_host,
+        settings.admin_port,
+    )
+    try:
+        await asyncio.gather(public_server.serve(), admin_server.serve())
+    finally:
+        await service.stop()

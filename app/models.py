@@ -1,0 +1,154 @@
+"""Database tables: sites, their token digests, and one intake record per upload."""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC in Python on every backend (SQLite stores naive UTC)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are not stored; use UTC-aware values")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# SQLite only autoincrements an INTEGER PRIMARY KEY.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class State(enum.StrEnum):
+    """Where an upload stands (ARCHITECTURE.md, "Honest states")."""
+
+    RECEIVED = "received"
+    REJECTED = "rejected"
+    DUPLICATE = "duplicate"
+    QUEUED = "queued"
+    FORWARDED = "forwarded"
+    QUARANTINED = "quarantined"
+
+
+class Site(Base):
+    __tablename__ = "sites"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    disabled_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+    tokens: Mapped[list[SiteToken]] = relationship(back_populates="site")
+
+
+class SiteToken(Base):
+    """A site credential. Only a SHA-256 digest of the token is kept."""
+
+    __tablename__ = "site_tokens"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id", ondelete="CASCADE"), index=True)
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    # The first characters of the token, to recognise it in lists and leak reports.
+    display_prefix: Mapped[str] = mapped_column(String(16))
+    label: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+    site: Mapped[Site] = relationship(back_populates="tokens")
+
+
+class Upload(Base):
+    """One intake record per upload, whatever became of it."""
+
+    __tablename__ = "uploads"
+    __table_args__ = (
+        CheckConstraint(
+            "state IN ('received', 'rejected', 'duplicate', 'queued', 'forwarded', 'quarantined')",
+            name="state_known",
+        ),
+        Index("ix_uploads_due", "state", "next_attempt_at"),
+        Index("ix_uploads_site_received", "site_id", "received_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    receipt: Mapped[str] = mapped_column(String(32), unique=True)
+    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id"))
+    remote_addr: Mapped[str | None] = mapped_column(String(64))
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    byte_size: Mapped[int] = mapped_column(BigInteger, default=0)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+
+    sop_class_uid: Mapped[str | None] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    series_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    patient_id: Mapped[str | None] = mapped_column(String(256))
+    transfer_syntax_uid: Mapped[str | None] = mapped_column(String(64))
+    modality: Mapped[str | None] = mapped_column(String(16))
+
+    orthanc_instance_id: Mapped[str | None] = mapped_column(String(44), index=True)
+    orthanc_series_id: Mapped[str | None] = mapped_column(String(44))
+    orthanc_study_id: Mapped[str | None] = mapped_column(String(44))
+    orthanc_patient_id: Mapped[str | None] = mapped_column(String(44))
+
+    state: Mapped[State] = mapped_column(String(16), default=State.RECEIVED)
+    reason: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[str | None] = mapped_column(Text)
+    orthanc_status: Mapped[str | None] = mapped_column(String(32))
+    duplicate_of_id: Mapped[int | None] = mapped_column(ForeignKey("uploads.id"))
+
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Error answers from Orthanc (5xx); unreachable-Orthanc tries never count here.
+    failed_answers: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    forwarded_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    spool_name: Mapped[str | None] = mapped_column(String(64))
+
+    site: Mapped[Site] = relationship()

@@ -1,0 +1,90 @@
+"""The running service: database, spool, validator, Orthanc client and forwarder, together.
+
+Both listeners share one Service; ``serve`` starts it once, and an app created
+on its own (tests, ``uvicorn --factory``) starts its own in its lifespan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from sqlalchemy import text
+
+from app import dicom
+from app.db import make_engine, make_sessionmaker
+from app.errors import ForwardError
+from app.forwarder import Forwarder
+from app.intake import Intake
+from app.orthanc import OrthancClient
+from app.settings import Settings
+from app.spool import Spool
+from app.validation import Validator
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine = make_engine(settings.database_url)
+        self.sessions = make_sessionmaker(self.engine)
+        self.spool = Spool(settings.spool_dir, settings.spool_min_free_bytes)
+        self.validator = Validator(
+            dicom.Limits(
+                max_depth=settings.max_sequence_depth,
+                max_elements=settings.max_elements,
+                max_inflated_bytes=settings.max_inflated_bytes,
+            ),
+            workers=settings.validation_workers,
+        )
+        self.orthanc = OrthancClient(settings)
+        self.forwarder = Forwarder(settings, self.sessions, self.spool, self.orthanc)
+        self.intake = Intake(
+            settings, self.sessions, self.spool, self.validator, self.forwarder.notify
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        if self.settings.auto_migrate:
+            from app import migrations
+
+            await asyncio.to_thread(migrations.upgrade, self.settings.database_url)
+        self.spool.ensure()
+        await asyncio.to_thread(self.forwarder.recover)
+        await asyncio.to_thread(self.validator.warm_up)
+        self._tasks.append(asyncio.create_task(self._report_orthanc(), name="orthanc-check"))
+        self._tasks.append(asyncio.create_task(self.forwarder.run(), name="forwarder"))
+
+    async def _report_orthanc(self) -> None:
+        """Say once at start-up whether the private Orthanc answers; uploads are held if not."""
+        try:
+            await self.orthanc.system()
+            log.info("the private Orthanc at %s answers", self.settings.orthanc_url)
+        except ForwardError as exc:
+            log.warning(
+                "the private Orthanc at %s does not answer (%s): uploads are accepted and "
+                "held in the spool until it does",
+                self.settings.orthanc_url,
+                exc.detail,
+            )
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        await self.orthanc.aclose()
+        await asyncio.to_thread(self.validator.close)
+        self.engine.dispose()
+
+    def database_ready(self) -> bool:
+        try:
+            with self.engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+        except Exception:
+            return False
+        return True

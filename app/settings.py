@@ -1,0 +1,82 @@
+"""The service's configuration: one pydantic-settings class, prefix ``INTAKE_``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Every knob, with units in its name. Read from ``INTAKE_*`` variables."""
+
+    # hide_input_in_errors: a bad value (say, a URL with a password) never reaches a log.
+    model_config = SettingsConfigDict(
+        env_prefix="INTAKE_", extra="ignore", hide_input_in_errors=True
+    )
+
+    # The private Orthanc. Its credentials live in this object and in orthanc.py only.
+    orthanc_url: str = "http://127.0.0.1:8042"
+    orthanc_username: str | None = None
+    orthanc_password: SecretStr | None = None
+    orthanc_timeout_seconds: float = Field(default=60.0, gt=0)
+
+    database_url: str = "sqlite:///./var/intake.db"
+    spool_dir: Path = Path("./var/spool")
+    # Refuse new uploads (507) before the spool's disk is actually full.
+    spool_min_free_bytes: int = Field(default=512 * MiB, ge=0)
+    auto_migrate: bool = True  # `serve` brings the schema up to date first
+
+    public_host: str = "0.0.0.0"  # noqa: S104 - the public listener is meant to be reachable
+    public_port: int = Field(default=8000, ge=0, le=65535)
+    admin_host: str = "127.0.0.1"
+    admin_port: int = Field(default=8001, ge=0, le=65535)
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
+    # What sites put in their OrthancPeers "Url"; derived from host/port when unset.
+    public_url: str | None = None
+
+    # Upload bounds.
+    max_instance_bytes: int = Field(default=2048 * MiB, gt=0)
+    max_sequence_depth: int = Field(default=16, ge=1)
+    max_elements: int = Field(default=200_000, ge=1)
+    max_inflated_bytes: int = Field(default=256 * MiB, gt=0)
+    body_idle_timeout_seconds: float = Field(default=30.0, gt=0)
+    validation_workers: int = Field(default=2, ge=0)  # 0 validates in a thread (tests, tiny hosts)
+
+    # Forwarding.
+    forward_concurrency: int = Field(default=4, ge=1)
+    forward_retry_base_seconds: float = Field(default=1.0, gt=0)
+    forward_retry_max_seconds: float = Field(default=300.0, gt=0)
+    forward_max_attempts: int = Field(default=20, ge=1)  # answers from Orthanc that were errors
+    forward_lease_seconds: float = Field(default=300.0, gt=0)
+    forward_poll_seconds: float = Field(default=2.0, gt=0)
+    orphan_grace_seconds: float = Field(default=600.0, ge=0)
+
+    log_level: str = "INFO"
+
+    @field_validator("orthanc_url")
+    @classmethod
+    def _no_credentials_in_url(cls, value: str) -> str:
+        if "@" in value.split("//", 1)[-1].split("/", 1)[0]:
+            raise ValueError(
+                "put the Orthanc credentials in INTAKE_ORTHANC_USERNAME / "
+                "INTAKE_ORTHANC_PASSWORD, not in the URL"
+            )
+        return value.rstrip("/")
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_certfile is not None and self.tls_keyfile is not None
+
+    @property
+    def peer_url(self) -> str:
+        """The URL a site's Orthanc peer points at (always with a trailing slash)."""
+        if self.public_url:
+            return self.public_url.rstrip("/") + "/"
+        scheme = "https" if self.tls_enabled else "http"
+        host = "127.0.0.1" if self.public_host in ("0.0.0.0", "::") else self.public_host  # noqa: S104
+        return f"{scheme}://{host}:{self.public_port}/"

@@ -1,0 +1,94 @@
+"""Fixtures: real Orthanc processes, real intake processes, SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import postgres
+from tests.support.intake import IntakeProcess, Site
+from tests.support.orthanc import OrthancProcess
+
+BACKENDS = ["sqlite", "postgresql"]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """In CI a skipped test is a failure: every test here uses real components."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = len(reporter.stats.get("skipped", [])) if reporter else 0
+    if os.environ.get("CI") and skipped:
+        if reporter:
+            reporter.write_line(f"CI: {skipped} test(s) skipped; skips fail the run here", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database on each backend in turn."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'intake.db'}"
+        return
+    url = postgres.create_database()
+    try:
+        yield url
+    finally:
+        postgres.drop_database(url)
+
+
+@pytest.fixture(scope="session")
+def private_orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancProcess]:
+    """One real private Orthanc for the session; tests that stop it use their own."""
+    with OrthancProcess(tmp_path_factory.mktemp("private-orthanc"), name="private") as orthanc:
+        yield orthanc
+
+
+@pytest.fixture
+def own_orthanc(tmp_path: Path) -> Iterator[OrthancProcess]:
+    """A private Orthanc this test may stop, kill and restart."""
+    orthanc = OrthancProcess(tmp_path / "own-orthanc", name="private")
+    orthanc.start()
+    try:
+        yield orthanc
+    finally:
+        orthanc.stop()
+
+
+@pytest.fixture
+def make_intake(
+    database_url: str, tmp_path: Path
+) -> Iterator[Callable[..., IntakeProcess]]:
+    """Build intake processes on this test's database; all are stopped at the end."""
+    made: list[IntakeProcess] = []
+
+    def make(
+        orthanc: OrthancProcess | None, start: bool = True, **env: str
+    ) -> IntakeProcess:
+        process = IntakeProcess(
+            tmp_path / f"intake-{len(made)}",
+            database_url,
+            orthanc=orthanc,
+            env_extra={f"INTAKE_{k.upper()}": v for k, v in env.items()},
+        )
+        made.append(process)
+        if start:
+            process.start()
+        return process
+
+    yield make
+    for process in made:
+        process.kill()
+
+
+@pytest.fixture
+def intake(
+    make_intake: Callable[..., IntakeProcess], private_orthanc: OrthancProcess
+) -> IntakeProcess:
+    return make_intake(private_orthanc)
+
+
+@pytest.fixture
+def site(intake: IntakeProcess) -> Site:
+    return intake.add_site("hospital-a")

@@ -1,0 +1,189 @@
+"""The intake as a real process: `python -m app serve` on free loopback ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+import httpx
+
+from tests.support.orthanc import OrthancProcess, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class IntakeStartError(RuntimeError):
+    pass
+
+
+@dataclass
+class Site:
+    name: str
+    token: str
+    peer: dict[str, Any]
+    peer_bearer: dict[str, Any]
+
+
+@dataclass
+class IntakeProcess:
+    workdir: Path
+    database_url: str
+    orthanc: OrthancProcess | None = None
+    env_extra: dict[str, str] = field(default_factory=dict)
+    public_port: int = 0
+    admin_port: int = 0
+    _proc: subprocess.Popen[bytes] | None = None
+    _log_offset: int = 0
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if "INTAKE_TLS_CERTFILE" in self.env_extra else "http"
+        return f"{scheme}://127.0.0.1:{self.public_port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    @property
+    def spool(self) -> Path:
+        return self.workdir / "spool"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "intake.log"
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("INTAKE_")}
+        env.update(
+            {
+                "INTAKE_DATABASE_URL": self.database_url,
+                "INTAKE_SPOOL_DIR": str(self.spool),
+                "INTAKE_PUBLIC_HOST": "127.0.0.1",
+                "INTAKE_PUBLIC_PORT": str(self.public_port),
+                "INTAKE_ADMIN_PORT": str(self.admin_port),
+                "INTAKE_SPOOL_MIN_FREE_BYTES": "0",
+                "INTAKE_FORWARD_RETRY_BASE_SECONDS": "0.2",
+                "INTAKE_FORWARD_RETRY_MAX_SECONDS": "1",
+                "INTAKE_FORWARD_POLL_SECONDS": "0.5",
+                "INTAKE_VALIDATION_WORKERS": "1",
+                "INTAKE_LOG_LEVEL": "DEBUG",
+            }
+        )
+        if self.orthanc is not None:
+            env["INTAKE_ORTHANC_URL"] = self.orthanc.url
+            env["INTAKE_ORTHANC_USERNAME"] = self.orthanc.username
+            env["INTAKE_ORTHANC_PASSWORD"] = self.orthanc.password
+        else:
+            env["INTAKE_ORTHANC_URL"] = f"http://127.0.0.1:{free_port()}"
+        env.update(self.env_extra)
+        return env
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "app", *args],
+            env=self.env(),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    def add_site(self, name: str) -> Site:
+        done = self.cli("sites", "add", name, "--json")
+        if done.returncode != 0:
+            raise AssertionError(f"sites add failed: {done.stderr}")
+        data = json.loads(done.stdout)
+        return Site(data["site"], data["token"], data["orthanc_peer"], data["orthanc_peer_bearer"])
+
+    def start(self, timeout: float = 60) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if not self.public_port:
+            self.public_port = free_port()
+        if not self.admin_port:
+            self.admin_port = free_port()
+        log = self.log_path.open("ab")
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "app", "serve"],
+            env=self.env(),
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise IntakeStartError(f"intake exited {self._proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.admin_url}/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.kill()
+        raise IntakeStartError(f"intake did not answer in {timeout}s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 30) -> None:
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(10)
+        self._proc = None
+
+    def kill(self) -> None:
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(10)
+        self._proc = None
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self._proc is None else self._proc.poll()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def client(self, site: Site | None = None, **kwargs: Any) -> httpx.Client:
+        auth = (site.name, site.token) if site else None
+        return httpx.Client(base_url=self.url, auth=auth, timeout=60, **kwargs)
+
+    def upload(self, site: Site, data: bytes, **kwargs: Any) -> httpx.Response:
+        with self.client(site) as client:
+            return client.post("/instances", content=data, **kwargs)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_until(condition: Any, timeout: float = 60, interval: float = 0.2) -> Any:
+    """Poll ``condition()`` until it returns something truthy, within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = condition()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s (last value: {last!r})")
