@@ -1,0 +1,1 @@
+"""Orthanc Intake test suite."""

@@ -1,0 +1,1 @@
+"""Test support: real Debian Orthanc processes and generated DICOM studies."""
