@@ -57,15 +57,11 @@ def own_orthanc(tmp_path: Path) -> Iterator[OrthancProcess]:
 
 
 @pytest.fixture
-def make_intake(
-    database_url: str, tmp_path: Path
-) -> Iterator[Callable[..., IntakeProcess]]:
+def make_intake(database_url: str, tmp_path: Path) -> Iterator[Callable[..., IntakeProcess]]:
     """Build intake processes on this test's database; all are stopped at the end."""
     made: list[IntakeProcess] = []
 
-    def make(
-        orthanc: OrthancProcess | None, start: bool = True, **env: str
-    ) -> IntakeProcess:
+    def make(orthanc: OrthancProcess | None, start: bool = True, **env: str) -> IntakeProcess:
         process = IntakeProcess(
             tmp_path / f"intake-{len(made)}",
             database_url,

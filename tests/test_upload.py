@@ -12,7 +12,9 @@ def test_upload_answers_like_orthanc_and_arrives(
 ) -> None:
     """A raw upload gets Orthanc's answer shape, and the file reaches the private Orthanc."""
     data = make_study(n_series=1, per_series=1)[0]
-    response = intake.upload(site, data, headers={"Content-Type": "application/x-www-form-urlencoded"})
+    response = intake.upload(
+        site, data, headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["Status"] == "Success"
