@@ -1,0 +1,136 @@
+"""The public listener answers uploads only; site tokens read nothing; secrets never leak."""
+
+from __future__ import annotations
+
+import base64
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, update
+
+from app.models import SiteToken, utcnow
+from tests.support.intake import IntakeProcess, Site, wait_until
+from tests.support.orthanc import OrthancProcess
+from tests.support.studies import make_study
+
+# Orthanc's REST API for reading, querying, changing and deleting (and the admin routes).
+PROBES = [
+    ("GET", "/instances"),
+    ("GET", "/instances/{id}"),
+    ("GET", "/instances/{id}/file"),
+    ("GET", "/instances/{id}/tags"),
+    ("DELETE", "/instances/{id}"),
+    ("PUT", "/instances/{id}/metadata/x"),
+    ("GET", "/patients"),
+    ("GET", "/studies"),
+    ("GET", "/series"),
+    ("GET", "/studies/{study}/archive"),
+    ("POST", "/tools/find"),
+    ("GET", "/tools/now"),
+    ("POST", "/tools/execute-script"),
+    ("GET", "/changes"),
+    ("GET", "/statistics"),
+    ("GET", "/peers"),
+    ("GET", "/modalities"),
+    ("GET", "/jobs"),
+    ("GET", "/app/explorer.html"),
+    ("GET", "/ui/app/"),
+    ("GET", "/dicom-web/studies"),
+    ("GET", "/wado"),
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/docs"),
+    ("GET", "/openapi.json"),
+    ("GET", "/metrics"),
+]
+
+
+@pytest.fixture
+def stored(intake: IntakeProcess, site: Site, private_orthanc: OrthancProcess) -> dict[str, str]:
+    answer = intake.upload(site, make_study(n_series=1, per_series=1)[0]).json()
+    wait_until(lambda: answer["ID"] in private_orthanc.instances())
+    return answer  # type: ignore[no-any-return]
+
+
+def test_no_read_or_delete_route_answers_with_data(
+    intake: IntakeProcess, site: Site, stored: dict[str, str], private_orthanc: OrthancProcess
+) -> None:
+    responses = []
+    with intake.client(site) as client:
+        for method, template in PROBES:
+            path = template.format(id=stored["ID"], study=stored["ParentStudy"])
+            response = client.request(method, path, json={} if method in ("POST", "PUT") else None)
+            responses.append((method, path, response))
+    for method, path, response in responses:
+        assert response.status_code in (404, 405), f"{method} {path} -> {response.status_code}"
+        assert response.json()["HttpStatus"] == response.status_code
+    # The instance is still there: the DELETE reached nothing.
+    assert stored["ID"] in private_orthanc.instances()
+    everything = "\n".join(f"{r.headers}\n{r.text}" for _, _, r in responses)
+    assert private_orthanc.password not in everything
+    assert private_orthanc.password not in intake.log_text()
+    assert site.token not in intake.log_text()
+
+
+def _basic(name: str, token: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{name}:{token}".encode()).decode()}
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer not-a-token"},
+        {"Authorization": "Bearer oit_" + "A" * 49},
+        {"Authorization": "Digest whatever"},
+    ],
+    ids=["none", "garbage-bearer", "bad-checksum", "other-scheme"],
+)
+def test_unauthenticated_uploads_get_401_with_basic_challenge(
+    intake: IntakeProcess, site: Site, headers: dict[str, str]
+) -> None:
+    response = httpx.post(f"{intake.url}/instances", content=b"x" * 1000, headers=headers)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"].startswith("Basic realm=")
+    assert response.json()["HttpStatus"] == 401
+
+
+def test_valid_token_with_another_site_name_is_refused(intake: IntakeProcess, site: Site) -> None:
+    other = intake.add_site("hospital-z")
+    response = httpx.post(
+        f"{intake.url}/instances", content=b"x", headers=_basic(other.name, site.token)
+    )
+    assert response.status_code == 401
+
+
+def test_bearer_token_is_accepted(intake: IntakeProcess, site: Site) -> None:
+    response = httpx.post(
+        f"{intake.url}/instances/",
+        content=make_study(n_series=1, per_series=1)[0],
+        headers={"Authorization": f"Bearer {site.token}"},
+    )
+    assert response.status_code == 200, response.text
+
+
+def test_revoked_token_is_refused(intake: IntakeProcess, site: Site) -> None:
+    engine = create_engine(intake.database_url)
+    with engine.begin() as conn:
+        conn.execute(update(SiteToken).values(revoked_at=utcnow()))
+    engine.dispose()
+    response = httpx.post(
+        f"{intake.url}/instances", content=b"x", headers=_basic(site.name, site.token)
+    )
+    assert response.status_code == 401
+
+
+def test_system_needs_a_site_token(intake: IntakeProcess, site: Site) -> None:
+    assert httpx.get(f"{intake.url}/system").status_code == 401
+    with intake.client(site) as client:
+        assert client.get("/system").json()["Site"] == site.name
+
+
+def test_health_lives_on_the_admin_listener(intake: IntakeProcess) -> None:
+    assert httpx.get(f"{intake.admin_url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{intake.admin_url}/readyz")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["checks"] == {"database": True, "orthanc": True, "spool": True}
