@@ -19,6 +19,7 @@ import warnings
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from pydicom.charset import decode_bytes
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
@@ -245,9 +246,16 @@ def _decode(encoded: bytes, *, implicit: bool, little: bool) -> dict[int, str]:
         ds: Dataset = read_dataset(io.BytesIO(encoded), implicit, little)
         values: dict[int, str] = {}
         for tag in _WANTED - {_CHARSET}:
-            if tag in ds:
-                # Values decode lazily, with (0008,0005) Specific Character Set.
-                values[tag] = _text(tag, ds[tag].value)
+            if tag not in ds:
+                continue
+            raw = ds.get_item(tag)
+            if not implicit and getattr(raw, "VR", None) == "UN" and isinstance(raw.value, bytes):
+                # Explicit VR "UN": Orthanc (DCMTK) hashes the value as stored, padding
+                # included, where pydicom would re-type it by the dictionary and strip it.
+                values[tag] = decode_bytes(raw.value, ds._character_set, set()).rstrip("\0")
+                continue
+            # Values decode lazily, with (0008,0005) Specific Character Set.
+            values[tag] = _text(tag, ds[tag].value)
     return values
 
 

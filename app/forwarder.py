@@ -18,12 +18,13 @@ import os
 import random
 import socket
 import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import or_, select
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.errors import ForwardError, OrthancRefused
@@ -38,12 +39,16 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class _Claim:
     id: int
+    lease: str  # unique to this claim: writes check it, so a stale worker changes nothing
     receipt: str
     spool_name: str
-    sha256: str | None
     expected_id: str | None
     attempts: int
     failed_answers: int
+
+
+class LeaseLost(Exception):
+    """The claim's lease ended and another worker took the row; this worker backs off."""
 
 
 def _md5(path: Path) -> str:
@@ -66,7 +71,7 @@ class Forwarder:
         self._sessions = sessions
         self._spool = spool
         self._orthanc = orthanc
-        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.owner = f"{socket.gethostname()[:32]}:{os.getpid()}"
         self._wake = asyncio.Event()
         self._orthanc_down_logged = False
 
@@ -88,18 +93,22 @@ class Forwarder:
             await asyncio.gather(*workers, return_exceptions=True)
 
     async def _worker(self) -> None:
+        poll = self._settings.forward_poll_seconds
         while True:
             try:
                 claim = await asyncio.to_thread(self._claim)
-            except SQLAlchemyError as exc:
-                log.error("forwarder cannot reach the database: %s", exc)
-                claim = None
-            if claim is None:
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._settings.forward_poll_seconds)
+                if claim is not None:
+                    await self.deliver(claim)
+                    continue
+            except Exception:
+                # A worker never dies: whatever went wrong, the row's lease runs out and
+                # the row is claimed again.
+                log.exception("forwarder worker error; carrying on")
+                await asyncio.sleep(poll)
                 continue
-            await self.deliver(claim)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), poll)
 
     def _claim(self) -> _Claim | None:
         now = utcnow()
@@ -117,13 +126,13 @@ class Forwarder:
             ).first()
             if row is None:
                 return None
-            row.lease_owner = self.owner
+            row.lease_owner = f"{self.owner}/{uuid.uuid4().hex[:12]}"
             row.lease_until = now + timedelta(seconds=self._settings.forward_lease_seconds)
             claim = _Claim(
                 id=row.id,
+                lease=row.lease_owner,
                 receipt=row.receipt,
                 spool_name=row.spool_name or "",
-                sha256=row.sha256,
                 expected_id=row.orthanc_instance_id,
                 attempts=row.attempts,
                 failed_answers=row.failed_answers,
@@ -131,8 +140,49 @@ class Forwarder:
             session.commit()
         return claim
 
+    @contextlib.contextmanager
+    def _owned(self, claim: _Claim) -> Iterator[tuple[Session, Upload]]:
+        """The claimed row, locked, if this claim still holds its lease; commits on exit."""
+        with self._sessions() as session:
+            row = session.get_one(Upload, claim.id, with_for_update=True)
+            if row.lease_owner != claim.lease or row.state != State.QUEUED:
+                raise LeaseLost(f"receipt={claim.receipt}: lease lost, now {row.state}")
+            yield session, row
+            row.lease_owner = row.lease_until = None
+            session.commit()
+
+    async def _keep_lease(self, claim: _Claim) -> None:
+        """Renew the lease while a long delivery runs, so no other worker takes the row."""
+        while True:
+            await asyncio.sleep(self._settings.forward_lease_seconds / 3)
+            await asyncio.to_thread(self._renew_lease, claim)
+
+    def _renew_lease(self, claim: _Claim) -> None:
+        with self._sessions() as session:
+            row = session.get_one(Upload, claim.id, with_for_update=True)
+            if row.lease_owner == claim.lease:
+                lease = self._settings.forward_lease_seconds
+                row.lease_until = utcnow() + timedelta(seconds=lease)
+                session.commit()
+
     async def deliver(self, claim: _Claim) -> None:
-        """One attempt at one claimed row; the row always leaves the lease behind."""
+        """One attempt at one claimed row; afterwards the row holds no lease of ours."""
+        heartbeat = asyncio.create_task(self._keep_lease(claim))
+        try:
+            await self._attempt(claim)
+        except LeaseLost as exc:
+            log.warning("%s; leaving the row to its new owner", exc)
+        except Exception as exc:
+            log.exception("unexpected error forwarding receipt=%s", claim.receipt)
+            error = ForwardError(f"unexpected error in the forwarder: {type(exc).__name__}")
+            with contextlib.suppress(Exception):  # else the lease runs out; same outcome
+                await asyncio.to_thread(self._retry_later, claim, error)
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await heartbeat
+
+    async def _attempt(self, claim: _Claim) -> None:
         path = self._spool.path(QUEUE, claim.spool_name)
         if not path.exists():
             await asyncio.to_thread(
@@ -160,6 +210,9 @@ class Forwarder:
         except ForwardError as exc:
             await asyncio.to_thread(self._retry_later, claim, exc)
             return
+        except FileNotFoundError:
+            # The file went away mid-delivery: only another worker's success does that.
+            raise LeaseLost(f"receipt={claim.receipt}: spool file gone mid-delivery") from None
         if claim.expected_id and stored.id != claim.expected_id:
             log.warning(
                 "receipt=%s Orthanc ID %s differs from the computed %s",
@@ -184,31 +237,29 @@ class Forwarder:
         return remote == await asyncio.to_thread(_md5, path)
 
     def _mark_forwarded(self, claim: _Claim, orthanc_id: str, status: str) -> None:
-        with self._sessions() as session:
-            row = session.get_one(Upload, claim.id)
+        with self._owned(claim) as (_, row):
             row.state = State.FORWARDED
             row.orthanc_instance_id = orthanc_id
             row.orthanc_status = status
             row.forwarded_at = utcnow()
             row.attempts = claim.attempts + 1
-            row.lease_owner = row.lease_until = row.next_attempt_at = None
+            row.next_attempt_at = None
             row.reason = row.detail = None
-            session.commit()
         # Orthanc has it and the row says so: the spool copy has done its job.
         self._spool.discard(self._spool.path(QUEUE, claim.spool_name))
 
     def _quarantine(self, claim: _Claim, reason: str, detail: str) -> None:
-        source = self._spool.path(QUEUE, claim.spool_name)
-        if source.exists():
-            self._spool.keep(source, QUARANTINE, claim.spool_name)
-        with self._sessions() as session:
-            row = session.get_one(Upload, claim.id)
+        with self._owned(claim) as (_, row):
+            source = self._spool.path(QUEUE, claim.spool_name)
+            # Moved before the commit: a crash in between leaves a queued row whose
+            # file is in quarantine/, which the next attempt quarantines as missing.
+            if source.exists():
+                self._spool.keep(source, QUARANTINE, claim.spool_name)
             row.state = State.QUARANTINED
             row.reason = reason
             row.detail = detail
             row.attempts = claim.attempts + 1
-            row.lease_owner = row.lease_until = row.next_attempt_at = None
-            session.commit()
+            row.next_attempt_at = None
         log.warning("quarantined receipt=%s reason=%s detail=%s", claim.receipt, reason, detail)
 
     def _retry_later(self, claim: _Claim, error: ForwardError) -> None:
@@ -224,15 +275,12 @@ class Forwarder:
             self._settings.forward_retry_base_seconds * 2 ** min(attempts - 1, 30),
         )
         delay *= random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not cryptography
-        with self._sessions() as session:
-            row = session.get_one(Upload, claim.id)
+        with self._owned(claim) as (_, row):
             row.attempts = attempts
             row.failed_answers = failed
             row.reason = "orthanc_unavailable"
             row.detail = error.detail
             row.next_attempt_at = utcnow() + timedelta(seconds=delay)
-            row.lease_owner = row.lease_until = None
-            session.commit()
         if not error.answered and self._orthanc_down_logged:
             return
         self._orthanc_down_logged = not error.answered
@@ -253,6 +301,9 @@ class Forwarder:
         with self._sessions() as session:
             for file in (self._spool.root / QUEUE).glob("*.dcm"):
                 state = session.scalar(select(Upload.state).where(Upload.receipt == file.stem))
+                if state == State.QUARANTINED:
+                    self._spool.keep(file, QUARANTINE, file.name)  # an admin may still want it
+                    continue
                 # No row yet may mean another process is between rename and commit.
                 orphan = state is None and now - file.stat().st_mtime >= grace
                 if orphan or (state is not None and state != State.QUEUED):

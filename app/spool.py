@@ -84,13 +84,13 @@ class _Sink:
     def _flush_head(self) -> None:
         self._headed = True
         head = self._head
+        # Only a Part 10 file has a preamble; anything else is left for validation to refuse.
         if len(head) >= _HEAD and head[PREAMBLE:_HEAD] == b"DICM":
+            # CVE-2019-11687: an executable preamble makes the file a polyglot.
             self.executable_preamble = classify_preamble(bytes(head[:PREAMBLE]))
             if self.executable_preamble is None:
-                # CVE-2019-11687: a preamble may hold anything; the stored file carries zeros.
+                # Any other content is meaningless to DICOM; the stored file carries zeros.
                 head[:PREAMBLE] = bytes(PREAMBLE)
-        elif len(head) >= PREAMBLE:
-            self.executable_preamble = classify_preamble(bytes(head[:PREAMBLE]))
         self._emit(bytes(head))
         self._head = bytearray()
 

@@ -141,3 +141,10 @@ def test_keep_moves_durably(spool: Spool) -> None:
     kept = spool.keep(received.path, QUEUE, "r1.dcm")
     assert kept.read_bytes() == DICM
     assert not received.path.exists()
+
+
+def test_executable_without_dicm_is_not_a_polyglot(spool: Spool) -> None:
+    """A bare ELF or ZIP body is left for validation to call "not DICOM"."""
+    for magic in (b"\x7fELF", b"PK\x03\x04"):
+        received = _receive(spool, [magic + b"\0" * 300])
+        assert received.executable_preamble is None
