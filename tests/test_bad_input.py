@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import gzip
 import io
+import socket
 import warnings
 import zlib
 from collections.abc import Callable
@@ -181,3 +183,20 @@ def test_refusals_are_recorded(intake: IntakeProcess, site: Site) -> None:
         (State.REJECTED, "missing_tag"),
     ]
     assert all(r.detail for r in rows)
+
+
+def test_client_vanishing_mid_body_leaves_nothing_and_breaks_nothing(
+    intake: IntakeProcess, site: Site
+) -> None:
+    """Half a body then a closed socket: no temp file left, no error logged, next upload fine."""
+    token = base64.b64encode(f"{site.name}:{site.token}".encode()).decode()
+    head = (
+        "POST /instances HTTP/1.1\r\nHost: intake\r\n"
+        f"Authorization: Basic {token}\r\nContent-Length: 100000\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", intake.public_port), timeout=10) as sock:
+        sock.sendall(head + VALID[:5000])
+    wait_until(lambda: "disconnected mid-upload" in intake.log_text(), timeout=30)
+    assert list((intake.spool / "tmp").iterdir()) == []
+    assert "Traceback" not in intake.log_text()
+    assert intake.upload(site, make_study(n_series=1, per_series=1)[0]).status_code == 200

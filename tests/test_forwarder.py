@@ -633,3 +633,22 @@ def test_a_failing_delivery_does_not_stop_the_forwarder(world: World) -> None:
     asyncio.run(run_briefly())
     assert world.row(second.id).state == State.FORWARDED
     assert world.row(first.id).state == State.QUEUED  # its lease runs out; it is tried again
+
+
+def test_a_long_delivery_renews_its_lease(world: World) -> None:
+    """While Orthanc takes longer than the lease, no other worker can claim the row."""
+    upload = world.queue()
+    forwarder = world.forwarder(owner="host-a:1", forward_lease_seconds=0.6)
+    rival = world.forwarder(owner="host-b:2", forward_lease_seconds=0.6)
+    rival_claims: list[object] = []
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        for _ in range(4):  # 1.2 s in all: twice the lease
+            await asyncio.sleep(0.3)
+            rival_claims.append(await asyncio.to_thread(rival._claim))
+        return httpx.Response(200, json={"ID": INSTANCE_ID, "Status": "Success"})
+
+    world.orthanc.handler = slow
+    _step(forwarder)
+    assert rival_claims == [None, None, None, None]
+    assert world.row(upload.id).state == State.FORWARDED

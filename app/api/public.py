@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.requests import ClientDisconnect
 
 from app import auth, sites
 from app.errors import InstanceTooLarge, ServiceUnavailable
 from app.intake import Receipt
 from app.service import Service
 
+log = logging.getLogger(__name__)
 router = APIRouter(redirect_slashes=False)
 
 
@@ -65,9 +68,14 @@ async def store_instance(request: Request, site: SiteDep, service: ServiceDep) -
     if declared and declared.isdigit() and int(declared) > limit:
         raise InstanceTooLarge(f"Content-Length {declared} is over the limit of {limit} bytes")
     client = request.client.host if request.client else None
-    receipt = await service.intake.receive(
-        site, client, request.stream(), request.headers.get("content-encoding")
-    )
+    try:
+        receipt = await service.intake.receive(
+            site, client, request.stream(), request.headers.get("content-encoding")
+        )
+    except ClientDisconnect:
+        # Nobody is left to answer; the partial body is already gone from the spool.
+        log.info("site=%s remote=%s disconnected mid-upload", site.name, client)
+        return Response(status_code=400)
     return JSONResponse(_instance_answer(receipt))
 
 
