@@ -61,7 +61,7 @@ def _instance_answer(receipt: Receipt) -> dict[str, Any]:
 
 @router.post("/instances")
 @router.post("/instances/", include_in_schema=False)
-async def store_instance(request: Request, site: SiteDep, service: ServiceDep) -> JSONResponse:
+async def store_instance(request: Request, site: SiteDep, service: ServiceDep) -> Response:
     """Store one DICOM instance, sent raw (any Content-Type, optionally gzip-encoded)."""
     declared = request.headers.get("content-length")
     limit = service.settings.max_instance_bytes
