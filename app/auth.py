@@ -53,6 +53,11 @@ def digest(token: str) -> str:
     return hashlib.sha256(token.encode("ascii")).hexdigest()
 
 
+def same(a: str, b: str) -> bool:
+    """Constant-time string equality."""
+    return secrets.compare_digest(a.encode(), b.encode())
+
+
 def display_prefix(token: str) -> str:
     """Enough of the token to recognise it in a list, far too little to use it."""
     return token[: len(TOKEN_PREFIX) + 6]

@@ -8,11 +8,19 @@ listener puts in its Orthanc-shaped JSON. Nothing here imports FastAPI.
 
     IntakeError
     ├── Unauthenticated ............. 401  (carries WWW-Authenticate)
+    ├── Forbidden ................... 403  (authenticated, but the site's policy says no)
+    │   ├── AddressNotAllowed         client address outside the site's allow-list
+    │   └── ContentNotAllowed         modality / SOP Class outside the site's allow-list
     ├── NotFound .................... 404  (no such route on the public listener)
     ├── MethodNotAllowed ............ 405
     ├── ClientTimeout ............... 408  (body trickled slower than allowed)
     ├── InstanceTooLarge ............ 413  (body or inflated body over the cap)
     ├── UnsupportedEncoding ......... 415  (Content-Encoding other than gzip/identity)
+    ├── TooManyRequests ............. 429  (carries Retry-After)
+    │   ├── RateLimited               instances per minute
+    │   ├── QuotaExceeded             bytes per day
+    │   ├── TooManyConcurrentUploads  uploads in progress
+    │   └── TooManyFailedLogins       this address failed authentication too often
     ├── BadUpload ................... 400  (the bytes are not an acceptable instance)
     │   ├── NotDicom                  no DICM prefix, garbage, truncated, empty
     │   ├── MalformedDicom            lengths past the end, bad item structure
@@ -64,6 +72,22 @@ class Unauthenticated(IntakeError):
         return {"WWW-Authenticate": 'Basic realm="Orthanc Intake"'}
 
 
+class Forbidden(IntakeError):
+    status_code = 403
+    orthanc_error = "Bad request"
+    orthanc_status = 8
+    message = "Forbidden"
+    reason = "forbidden"
+
+
+class AddressNotAllowed(Forbidden):
+    reason = "address_not_allowed"
+
+
+class ContentNotAllowed(Forbidden):
+    reason = "content_not_allowed"
+
+
 class NotFound(IntakeError):
     status_code = 404
     orthanc_error = "Unknown resource"
@@ -102,6 +126,38 @@ class UnsupportedEncoding(IntakeError):
     orthanc_status = 8
     message = "Unsupported content encoding"
     reason = "unsupported_encoding"
+
+
+class TooManyRequests(IntakeError):
+    status_code = 429
+    orthanc_error = "Bad request"
+    orthanc_status = 8
+    message = "Too many requests"
+    reason = "too_many_requests"
+
+    def __init__(self, detail: str = "", retry_after: int = 60) -> None:
+        super().__init__(detail)
+        self.retry_after = max(1, retry_after)
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+class RateLimited(TooManyRequests):
+    reason = "rate_limited"
+
+
+class QuotaExceeded(TooManyRequests):
+    reason = "quota_exceeded"
+
+
+class TooManyConcurrentUploads(TooManyRequests):
+    reason = "too_many_concurrent_uploads"
+
+
+class TooManyFailedLogins(TooManyRequests):
+    reason = "too_many_failed_logins"
 
 
 class BadUpload(IntakeError):

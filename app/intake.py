@@ -24,8 +24,14 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from app import dicom
-from app.errors import IntakeError, RefusedPreamble, ServiceUnavailable
+from app import dicom, usage
+from app.errors import (
+    InstanceTooLarge,
+    IntakeError,
+    RefusedPreamble,
+    ServiceUnavailable,
+    TooManyRequests,
+)
 from app.models import State, Upload, utcnow
 from app.settings import Settings
 from app.sites import AuthenticatedSite
@@ -66,6 +72,7 @@ class Intake:
         validator: Validator,
         on_queued: Callable[[], None] = lambda: None,
     ) -> None:
+        self._admission = usage.Admission(sessions, settings.upload_slot_ttl_seconds)
         self._settings = settings
         self._sessions = sessions
         self._spool = spool
@@ -78,6 +85,24 @@ class Intake:
         remote_addr: str | None,
         body: AsyncIterator[bytes],
         content_encoding: str | None = None,
+        declared_bytes: int | None = None,
+    ) -> Receipt:
+        """Take one upload through the pipeline; an IntakeError says why it was refused."""
+        max_bytes = site.policy.max_bytes(self._settings.max_instance_bytes)
+        if declared_bytes is not None and declared_bytes > max_bytes:
+            raise InstanceTooLarge(
+                f"Content-Length {declared_bytes} is over the limit of {max_bytes} bytes"
+            )
+        async with self._admission.admit(site, declared_bytes):
+            return await self._receive(site, remote_addr, body, content_encoding, max_bytes)
+
+    async def _receive(
+        self,
+        site: AuthenticatedSite,
+        remote_addr: str | None,
+        body: AsyncIterator[bytes],
+        content_encoding: str | None,
+        max_bytes: int,
     ) -> Receipt:
         started = time.perf_counter()
         ctx = _Context(site, remote_addr, uuid.uuid4().hex, utcnow())
@@ -85,7 +110,7 @@ class Intake:
         try:
             received = await self._spool.receive(
                 body,
-                max_bytes=self._settings.max_instance_bytes,
+                max_bytes=max_bytes,
                 content_encoding=content_encoding,
                 idle_timeout=self._settings.body_idle_timeout_seconds,
             )
@@ -104,10 +129,12 @@ class Intake:
                     f"({received.executable_preamble}); such files are refused (CVE-2019-11687)"
                 )
             summary = await self._validator.validate(received.path)
+            site.policy.check_content(site.name, summary)
+            result = await asyncio.to_thread(self._persist, ctx, received, summary)
         except IntakeError as exc:
             if received is not None:
                 self._spool.discard(received.path)
-            if not isinstance(exc, ServiceUnavailable):
+            if not isinstance(exc, ServiceUnavailable | TooManyRequests):
                 await asyncio.to_thread(self._record_rejection, ctx, received, exc)
             log.info(
                 "upload refused site=%s receipt=%s reason=%s detail=%s",
@@ -121,7 +148,6 @@ class Intake:
             if received is not None:
                 self._spool.discard(received.path)
             raise
-        result = await asyncio.to_thread(self._persist, ctx, received, summary)
         if result.state is State.QUEUED:
             self._on_queued()
         log.info(
@@ -184,6 +210,9 @@ class Intake:
                     ),
                     None,
                 )
+                quota = ctx.site.policy.bytes_per_day
+                if quota is not None:  # counted in this transaction: no commit, no count
+                    usage.take_bytes(session, ctx.site.site_id, quota, received.byte_size, utcnow())
                 status = ORTHANC_ALREADY_STORED
                 if same is not None:
                     row.state = State.DUPLICATE
@@ -206,6 +235,9 @@ class Intake:
                     kept = self._spool.keep(received.path, QUEUE, row.spool_name)
                 session.add(row)
                 session.commit()
+        except IntakeError:
+            self._spool.discard(kept or received.path)
+            raise
         except SQLAlchemyError as exc:
             # No committed row, so no acknowledgement: take the file back out.
             self._spool.discard(kept or received.path)

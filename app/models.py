@@ -6,6 +6,7 @@ import enum
 from datetime import UTC, datetime
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     CheckConstraint,
     DateTime,
@@ -17,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -53,6 +55,8 @@ class UtcDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+_EMPTY_LIST = text("'[]'")
+
 # SQLite only autoincrements an INTEGER PRIMARY KEY.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -73,12 +77,28 @@ class State(enum.StrEnum):
 
 
 class Site(Base):
+    """A sender. Deleting one keeps its row (and name) so the intake log stays attributed."""
+
     __tablename__ = "sites"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     disabled_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    deleted_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+    # Policy (see app/policy.py). Empty lists and NULL limits mean "no restriction".
+    allowed_cidrs: Mapped[list[str]] = mapped_column(JSON, default=list, server_default=_EMPTY_LIST)
+    allowed_modalities: Mapped[list[str]] = mapped_column(
+        JSON, default=list, server_default=_EMPTY_LIST
+    )
+    allowed_sop_classes: Mapped[list[str]] = mapped_column(
+        JSON, default=list, server_default=_EMPTY_LIST
+    )
+    max_instance_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    instances_per_minute: Mapped[int | None] = mapped_column(Integer)
+    bytes_per_day: Mapped[int | None] = mapped_column(BigInteger)
+    max_concurrent_uploads: Mapped[int | None] = mapped_column(Integer)
 
     tokens: Mapped[list[SiteToken]] = relationship(back_populates="site")
 
@@ -98,8 +118,45 @@ class SiteToken(Base):
     expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    last_used_ip: Mapped[str | None] = mapped_column(String(64))
 
     site: Mapped[Site] = relationship(back_populates="tokens")
+
+
+class SiteUsage(Base):
+    """Fixed-window counters shared by every intake process (instances/minute, bytes/day)."""
+
+    __tablename__ = "site_usage"
+
+    site_id: Mapped[int] = mapped_column(
+        ForeignKey("sites.id", ondelete="CASCADE"), primary_key=True
+    )
+    window: Mapped[str] = mapped_column(String(8), primary_key=True)  # "minute" | "day"
+    window_start: Mapped[datetime] = mapped_column(UtcDateTime, primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class UploadSlot(Base):
+    """One upload in progress for a site with a concurrency limit; expires if its holder dies."""
+
+    __tablename__ = "upload_slots"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id", ondelete="CASCADE"), index=True)
+    holder: Mapped[str] = mapped_column(String(64))
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class Admin(Base):
+    """A person or app allowed on the admin listener; the password is an argon2 hash."""
+
+    __tablename__ = "admins"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
 class Upload(Base):

@@ -13,6 +13,7 @@ import logging
 from sqlalchemy import text
 
 from app import dicom
+from app.access import Access
 from app.db import make_engine, make_sessionmaker
 from app.errors import ForwardError
 from app.forwarder import Forwarder
@@ -39,6 +40,7 @@ class Service:
             ),
             workers=settings.validation_workers,
         )
+        self.access = Access(settings, self.sessions)
         self.orthanc = OrthancClient(settings)
         self.forwarder = Forwarder(settings, self.sessions, self.spool, self.orthanc)
         self.intake = Intake(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
 
@@ -56,7 +58,32 @@ class Settings(BaseSettings):
     forward_poll_seconds: float = Field(default=2.0, gt=0)
     orphan_grace_seconds: float = Field(default=600.0, ge=0)
 
+    # Access (app/access.py, app/sites.py).
+    # CIDRs whose X-Forwarded-For is believed: comma-separated, e.g. "10.0.0.5,fd00::/64".
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    auth_cache_seconds: float = Field(default=5.0, ge=0)  # revocation takes effect within this
+    auth_max_failures: int = Field(default=10, ge=1)  # per address per minute, then blocked
+    auth_block_seconds: float = Field(default=300.0, gt=0)
+    token_touch_seconds: float = Field(
+        default=300.0, ge=0
+    )  # last_used_at written at most this often
+    token_lifetime_days: float = Field(default=365.0, gt=0)
+    token_rotation_grace_days: float = Field(default=30.0, ge=0)
+    upload_slot_ttl_seconds: float = Field(default=120.0, gt=0)  # renewed while an upload runs
+
     log_level: str = "INFO"
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _valid_networks(cls, value: list[str]) -> list[str]:
+        return [str(ipaddress.ip_network(v, strict=False)) for v in value]
 
     @field_validator("orthanc_url")
     @classmethod

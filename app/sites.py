@@ -1,11 +1,16 @@
-"""Sites and their tokens: creation, and authentication of an upload request."""
+"""Sites and their tokens: the one service layer behind the CLI and the admin API.
+
+A site may hold several live tokens (rotation keeps the old one valid for a grace
+period). Deleting a site keeps its row, so the intake log stays attributed; its
+tokens are revoked and its name stays taken.
+"""
 
 from __future__ import annotations
 
 import re
-import secrets
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -14,15 +19,31 @@ from sqlalchemy.orm import Session
 from app import auth
 from app.errors import Unauthenticated
 from app.models import Site, SiteToken, utcnow
+from app.policy import SitePolicy, parse_networks
 
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+POLICY_LIMITS = (
+    "max_instance_bytes",
+    "instances_per_minute",
+    "bytes_per_day",
+    "max_concurrent_uploads",
+)
+POLICY_LISTS = ("allowed_cidrs", "allowed_modalities", "allowed_sop_classes")
 
 
-class SiteNameInvalid(ValueError):
+class SiteError(ValueError):
+    """A site operation that cannot be done as asked (the message says why)."""
+
+
+class SiteNameInvalid(SiteError):
     pass
 
 
-class SiteExists(ValueError):
+class SiteExists(SiteError):
+    pass
+
+
+class SiteNotFound(SiteError):
     pass
 
 
@@ -31,58 +52,256 @@ class AuthenticatedSite:
     site_id: int
     name: str
     token_id: int
+    token_digest: str
+    token_expires_at: datetime | None
+    policy: SitePolicy = field(default_factory=SitePolicy)
 
 
 @dataclass(frozen=True)
-class NewSite:
-    name: str
+class NewToken:
+    site: str
     token: str  # shown once, never stored
+    token_id: int
+    expires_at: datetime | None
 
 
-def add(session: Session, name: str, label: str | None = None) -> NewSite:
+@dataclass(frozen=True)
+class TokenView:
+    id: int
+    prefix: str
+    label: str | None
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+    last_used_ip: str | None
+
+    def live(self, now: datetime) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
+
+
+@dataclass(frozen=True)
+class SiteView:
+    id: int
+    name: str
+    created_at: datetime
+    disabled_at: datetime | None
+    deleted_at: datetime | None
+    policy: dict[str, Any]
+    tokens: tuple[TokenView, ...]
+
+    @property
+    def status(self) -> str:
+        if self.deleted_at:
+            return "deleted"
+        return "disabled" if self.disabled_at else "active"
+
+
+def _view(site: Site) -> SiteView:
+    return SiteView(
+        id=site.id,
+        name=site.name,
+        created_at=site.created_at,
+        disabled_at=site.disabled_at,
+        deleted_at=site.deleted_at,
+        policy={k: getattr(site, k) for k in (*POLICY_LISTS, *POLICY_LIMITS)},
+        tokens=tuple(
+            TokenView(
+                id=t.id,
+                prefix=t.display_prefix,
+                label=t.label,
+                created_at=t.created_at,
+                expires_at=t.expires_at,
+                revoked_at=t.revoked_at,
+                last_used_at=t.last_used_at,
+                last_used_ip=t.last_used_ip,
+            )
+            for t in sorted(site.tokens, key=lambda t: t.id)
+        ),
+    )
+
+
+def _get(session: Session, name: str, *, include_deleted: bool = False) -> Site:
+    site = session.scalar(select(Site).where(Site.name == name))
+    if site is None or (site.deleted_at is not None and not include_deleted):
+        raise SiteNotFound(f"no site named {name!r}")
+    return site
+
+
+def _issue(
+    site: Site, label: str | None, lifetime: timedelta | None, now: datetime
+) -> tuple[SiteToken, str]:
+    token = auth.new_token()
+    row = SiteToken(
+        digest=auth.digest(token),
+        display_prefix=auth.display_prefix(token),
+        label=label,
+        created_at=now,
+        expires_at=now + lifetime if lifetime else None,
+    )
+    site.tokens.append(row)
+    return row, token
+
+
+def add(
+    session: Session,
+    name: str,
+    label: str | None = None,
+    lifetime: timedelta | None = timedelta(days=365),
+) -> NewToken:
     """Create a site with its first token; the token is returned once."""
     if not SITE_NAME.match(name):
         raise SiteNameInvalid(
             f"site name {name!r} must be 1-64 characters of letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
-    token = auth.new_token()
-    site = Site(name=name)
-    site.tokens.append(
-        SiteToken(digest=auth.digest(token), display_prefix=auth.display_prefix(token), label=label)
-    )
+    now = utcnow()
+    site = Site(name=name, allowed_cidrs=[], allowed_modalities=[], allowed_sop_classes=[])
+    row, token = _issue(site, label, lifetime, now)
     session.add(site)
     try:
         session.commit()
     except IntegrityError as exc:
         session.rollback()
-        raise SiteExists(f"a site named {name!r} already exists") from exc
-    return NewSite(name=name, token=token)
+        raise SiteExists(
+            f"a site named {name!r} already exists (deleted names stay taken)"
+        ) from exc
+    return NewToken(site=name, token=token, token_id=row.id, expires_at=row.expires_at)
+
+
+def rotate(
+    session: Session,
+    name: str,
+    grace: timedelta,
+    label: str | None = None,
+    lifetime: timedelta | None = timedelta(days=365),
+) -> NewToken:
+    """Issue a new token; every other live token of the site expires after ``grace``."""
+    site = _get(session, name)
+    now = utcnow()
+    for old in site.tokens:
+        if old.revoked_at is None and (old.expires_at is None or old.expires_at > now + grace):
+            old.expires_at = now + grace
+    row, token = _issue(site, label, lifetime, now)
+    session.commit()
+    return NewToken(site=name, token=token, token_id=row.id, expires_at=row.expires_at)
+
+
+def revoke(session: Session, name: str, token_prefix: str | None = None) -> int:
+    """Revoke one token (by its visible prefix) or, without a prefix, all; how many."""
+    site = _get(session, name, include_deleted=True)
+    now = utcnow()
+    targets = [
+        t
+        for t in site.tokens
+        if t.revoked_at is None and (token_prefix is None or t.display_prefix == token_prefix)
+    ]
+    if token_prefix is not None and not targets:
+        raise SiteError(f"site {name!r} has no unrevoked token with prefix {token_prefix!r}")
+    for token in targets:
+        token.revoked_at = now
+    session.commit()
+    return len(targets)
+
+
+def set_disabled(session: Session, name: str, disabled: bool) -> SiteView:
+    site = _get(session, name)
+    site.disabled_at = utcnow() if disabled else None
+    session.commit()
+    return _view(site)
+
+
+def delete(session: Session, name: str) -> SiteView:
+    """Retire a site: tokens revoked, uploads refused; its history stays."""
+    site = _get(session, name)
+    now = utcnow()
+    site.deleted_at = now
+    for token in site.tokens:
+        token.revoked_at = token.revoked_at or now
+    session.commit()
+    return _view(site)
+
+
+def set_policy(session: Session, name: str, **changes: Any) -> SiteView:
+    """Change policy fields; a limit of None (or a list of []) removes that restriction."""
+    site = _get(session, name)
+    for key, value in changes.items():
+        if key in POLICY_LIMITS:
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise SiteError(f"{key} must be a positive whole number, or unset")
+        elif key == "allowed_cidrs":
+            value = [str(n) for n in parse_networks(value)]
+        elif key == "allowed_modalities":
+            value = sorted({str(v).strip().upper() for v in value if str(v).strip()})
+        elif key == "allowed_sop_classes":
+            value = sorted({str(v).strip() for v in value if str(v).strip()})
+        else:
+            raise SiteError(f"unknown policy field {key!r}")
+        setattr(site, key, value)
+    session.commit()
+    return _view(site)
+
+
+def show(session: Session, name: str) -> SiteView:
+    return _view(_get(session, name, include_deleted=True))
+
+
+def list_sites(session: Session, include_deleted: bool = False) -> list[SiteView]:
+    query = select(Site).order_by(Site.name)
+    if not include_deleted:
+        query = query.where(Site.deleted_at.is_(None))
+    return [_view(site) for site in session.scalars(query)]
 
 
 def authenticate(
     session: Session, credentials: auth.Credentials | None, now: datetime | None = None
 ) -> AuthenticatedSite:
-    """The site a request speaks for, or Unauthenticated. Cheap: one indexed lookup."""
+    """The site a request speaks for, or Unauthenticated. One indexed lookup."""
     if credentials is None:
         raise Unauthenticated("no credentials: use HTTP Basic (site name + token) or Bearer")
     if not auth.is_well_formed(credentials.token):
         raise Unauthenticated("the token is not a well-formed intake token")
-    presented = auth.digest(credentials.token)
+    found = lookup(session, auth.digest(credentials.token))
+    if found is None:
+        raise Unauthenticated("unknown site or token")
+    return check(found, credentials.site_name, now or utcnow())
+
+
+def lookup(session: Session, digest: str) -> AuthenticatedSite | None:
+    """The site and token behind a digest, whatever their state (check() decides)."""
     row = session.execute(
-        select(SiteToken, Site).join(Site).where(SiteToken.digest == presented)
+        select(SiteToken, Site).join(Site).where(SiteToken.digest == digest)
     ).first()
-    # Lookup by digest is by an index; compare again in constant time all the same.
-    if row is None or not secrets.compare_digest(row[0].digest, presented):
-        raise Unauthenticated("unknown site or token")
+    if row is None:
+        return None
     token, site = row[0], row[1]
-    if credentials.site_name is not None and not secrets.compare_digest(
-        credentials.site_name.encode(), site.name.encode()
-    ):
+    expires = token.expires_at
+    if token.revoked_at is not None or site.disabled_at is not None or site.deleted_at:
+        # A dead credential is remembered as already expired.
+        expires = datetime.min.replace(tzinfo=token.created_at.tzinfo)
+    return AuthenticatedSite(
+        site_id=site.id,
+        name=site.name,
+        token_id=token.id,
+        token_digest=digest,
+        token_expires_at=expires,
+        policy=SitePolicy.of(site),
+    )
+
+
+def check(found: AuthenticatedSite, site_name: str | None, now: datetime) -> AuthenticatedSite:
+    """Refuse a looked-up credential that is expired, revoked or named for another site."""
+    # The digest matched by an indexed lookup; compare names in constant time all the same.
+    if site_name is not None and not auth.same(site_name, found.name):
         raise Unauthenticated("unknown site or token")
-    now = now or utcnow()
-    if token.revoked_at is not None or (token.expires_at is not None and token.expires_at <= now):
-        raise Unauthenticated("the token is revoked or expired")
-    if site.disabled_at is not None:
-        raise Unauthenticated("the site is disabled")
-    return AuthenticatedSite(site_id=site.id, name=site.name, token_id=token.id)
+    if found.token_expires_at is not None and found.token_expires_at <= now:
+        raise Unauthenticated("the token is revoked or expired, or the site is disabled")
+    return found
+
+
+def touch(session: Session, token_id: int, address: str | None, now: datetime) -> None:
+    token = session.get(SiteToken, token_id)
+    if token is not None:
+        token.last_used_at = now
+        token.last_used_ip = (address or "")[:64] or None
+        session.commit()

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import ClientDisconnect
 
-from app import auth, sites
-from app.errors import InstanceTooLarge, ServiceUnavailable
+from app import sites
 from app.intake import Receipt
 from app.service import Service
 
@@ -30,16 +27,10 @@ ServiceDep = Annotated[Service, Depends(get_service)]
 
 async def get_site(request: Request, service: ServiceDep) -> sites.AuthenticatedSite:
     """Authenticate from headers alone, before a byte of the body is read."""
-    credentials = auth.parse_authorization(request.headers.get("authorization"))
-
-    def lookup() -> sites.AuthenticatedSite:
-        with service.sessions() as session:
-            return sites.authenticate(session, credentials)
-
-    try:
-        return await asyncio.to_thread(lookup)
-    except SQLAlchemyError as exc:
-        raise ServiceUnavailable("the intake database is unavailable; try again") from exc
+    peer = request.client.host if request.client else None
+    address = service.access.client_address(peer, request.headers.get("x-forwarded-for"))
+    request.state.client_address = address
+    return await service.access.authenticate(request.headers.get("authorization"), address)
 
 
 SiteDep = Annotated[sites.AuthenticatedSite, Depends(get_site)]
@@ -63,18 +54,19 @@ def _instance_answer(receipt: Receipt) -> dict[str, Any]:
 @router.post("/instances/", include_in_schema=False)
 async def store_instance(request: Request, site: SiteDep, service: ServiceDep) -> Response:
     """Store one DICOM instance, sent raw (any Content-Type, optionally gzip-encoded)."""
-    declared = request.headers.get("content-length")
-    limit = service.settings.max_instance_bytes
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise InstanceTooLarge(f"Content-Length {declared} is over the limit of {limit} bytes")
-    client = request.client.host if request.client else None
+    declared = request.headers.get("content-length", "")
+    address: str | None = request.state.client_address
     try:
         receipt = await service.intake.receive(
-            site, client, request.stream(), request.headers.get("content-encoding")
+            site,
+            address,
+            request.stream(),
+            request.headers.get("content-encoding"),
+            declared_bytes=int(declared) if declared.isdigit() else None,
         )
     except ClientDisconnect:
         # Nobody is left to answer; the partial body is already gone from the spool.
-        log.info("site=%s remote=%s disconnected mid-upload", site.name, client)
+        log.info("site=%s remote=%s disconnected mid-upload", site.name, address)
         return Response(status_code=400)
     return JSONResponse(_instance_answer(receipt))
 
