@@ -11,13 +11,15 @@ import contextlib
 import logging
 
 from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 
-from app import dicom
+from app import dicom, usage
 from app.access import Access
 from app.db import make_engine, make_sessionmaker
 from app.errors import ForwardError
 from app.forwarder import Forwarder
 from app.intake import Intake
+from app.models import utcnow
 from app.orthanc import OrthancClient
 from app.settings import Settings
 from app.spool import Spool
@@ -58,6 +60,22 @@ class Service:
         await asyncio.to_thread(self.validator.warm_up)
         self._tasks.append(asyncio.create_task(self._report_orthanc(), name="orthanc-check"))
         self._tasks.append(asyncio.create_task(self.forwarder.run(), name="forwarder"))
+        self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+
+    async def _housekeeping(self) -> None:
+        """Hourly: forget old usage windows and long-expired upload slots."""
+
+        def prune() -> None:
+            with self.sessions() as session:
+                usage.prune(session, utcnow())
+                session.commit()
+
+        while True:
+            try:
+                await asyncio.to_thread(prune)
+            except SQLAlchemyError as exc:
+                log.warning("housekeeping could not reach the database: %s", exc)
+            await asyncio.sleep(3600)
 
     async def _report_orthanc(self) -> None:
         """Say once at start-up whether the private Orthanc answers; uploads are held if not."""
