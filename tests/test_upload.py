@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import socket
+
 from tests.support.intake import IntakeProcess, Site, wait_until
 from tests.support.orthanc import OrthancProcess
 from tests.support.studies import make_study
@@ -22,3 +25,44 @@ def test_upload_answers_like_orthanc_and_arrives(
     assert set(body) >= {"ID", "ParentPatient", "ParentSeries", "ParentStudy", "Path", "Status"}
     wait_until(lambda: body["ID"] in private_orthanc.instances(), timeout=30)
     assert private_orthanc.instance_file(body["ID"]) == data
+
+
+def _raw_request(port: int, head: str, body: bytes | None) -> tuple[bytes, bytes]:
+    """Send headers, read the interim answer, then (maybe) the body; return both answers."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head.encode())
+        interim = sock.recv(65536)
+        final = b""
+        if body is not None and interim.startswith(b"HTTP/1.1 100"):
+            sock.sendall(body)
+            while b"\r\n\r\n" not in final or not final.rstrip().endswith(b"}"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                final += chunk
+        return interim, final
+
+
+def test_expect_100_continue_is_answered_before_the_body(intake: IntakeProcess, site: Site) -> None:
+    """An Orthanc peer with HttpHeaders waits for 100 Continue on bodies over 1 MiB."""
+    data = make_study(n_series=1, per_series=1, rows=1024, cols=1024)[0]
+    token = base64.b64encode(f"{site.name}:{site.token}".encode()).decode()
+    head = (
+        "POST /instances HTTP/1.1\r\nHost: intake\r\nExpect: 100-continue\r\n"
+        f"Authorization: Basic {token}\r\nContent-Length: {len(data)}\r\n\r\n"
+    )
+    interim, final = _raw_request(intake.public_port, head, data)
+    assert interim.startswith(b"HTTP/1.1 100 Continue")
+    assert final.startswith(b"HTTP/1.1 200")
+    assert b'"Status":"Success"' in final
+
+
+def test_expect_100_continue_with_bad_credentials_gets_401_without_the_body(
+    intake: IntakeProcess,
+) -> None:
+    head = (
+        "POST /instances HTTP/1.1\r\nHost: intake\r\nExpect: 100-continue\r\n"
+        "Authorization: Bearer nope\r\nContent-Length: 5000000\r\n\r\n"
+    )
+    interim, _ = _raw_request(intake.public_port, head, None)
+    assert interim.startswith(b"HTTP/1.1 401")
