@@ -16,8 +16,10 @@ from app.models import Admin
 from tests.support.intake import ROOT
 
 
-def _run(tmp_path: Path, database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
+def _run(
+    tmp_path: Path, database_url: str, *args: str, input: str | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
+    base = {
         "PATH": "/usr/bin:/bin",
         "INTAKE_DATABASE_URL": database_url,
         "INTAKE_SPOOL_DIR": str(tmp_path / "spool"),
@@ -25,8 +27,9 @@ def _run(tmp_path: Path, database_url: str, *args: str) -> subprocess.CompletedP
     }
     return subprocess.run(
         [sys.executable, "-m", "app", *args],
-        env=env,
+        env=base | {f"INTAKE_{k.upper()}": v for k, v in env.items()},
         cwd=ROOT,
+        input=input,
         capture_output=True,
         text=True,
         timeout=120,
@@ -74,19 +77,8 @@ def test_duplicate_and_invalid_names_are_refused(tmp_path: Path, database_url: s
 def test_credentials_in_the_orthanc_url_are_refused_without_echoing_them(
     tmp_path: Path, database_url: str
 ) -> None:
-    env_url = "http://admin:s3cret-pass@127.0.0.1:8042"
-    done = subprocess.run(
-        [sys.executable, "-m", "app", "migrate"],
-        env={
-            "PATH": "/usr/bin:/bin",
-            "INTAKE_DATABASE_URL": database_url,
-            "INTAKE_ORTHANC_URL": env_url,
-        },
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    done = _run(
+        tmp_path, database_url, "migrate", orthanc_url="http://admin:s3cret-pass@127.0.0.1:8042"
     )
     assert done.returncode != 0
     assert "INTAKE_ORTHANC_PASSWORD" in done.stderr
@@ -195,15 +187,15 @@ def test_revoke_needs_a_prefix_or_all(tmp_path: Path, database_url: str) -> None
 
 def test_admins_are_argon2_hashed(tmp_path: Path, database_url: str) -> None:
     """Admin passwords are stored as argon2 hashes and verify through passlib."""
-    done = subprocess.run(
-        [sys.executable, "-m", "app", "admins", "add", "php-app", "--password-stdin", "--json"],
+    done = _run(
+        tmp_path,
+        database_url,
+        "admins",
+        "add",
+        "php-app",
+        "--password-stdin",
+        "--json",
         input="correct horse battery staple\n",
-        env={"PATH": "/usr/bin:/bin", "INTAKE_DATABASE_URL": database_url},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
     )
     assert _json(done)["name"] == "php-app"
     engine = make_engine(database_url)
@@ -220,14 +212,5 @@ def test_admins_are_argon2_hashed(tmp_path: Path, database_url: str) -> None:
     listed = _json(_run(tmp_path, database_url, "admins", "list", "--json"))
     assert [a["name"] for a in listed] == ["php-app"]
     assert _json(_run(tmp_path, database_url, "admins", "remove", "php-app", "--json"))
-    short = subprocess.run(
-        [sys.executable, "-m", "app", "admins", "add", "x", "--password-stdin"],
-        input="short\n",
-        env={"PATH": "/usr/bin:/bin", "INTAKE_DATABASE_URL": database_url},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    short = _run(tmp_path, database_url, "admins", "add", "x", "--password-stdin", input="short\n")
     assert short.returncode == 2
