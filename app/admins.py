@@ -6,16 +6,29 @@ from the maintained ``libpass`` distribution). Nothing here is on the upload pat
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import math
+import time
 from dataclasses import dataclass
 from datetime import datetime
 
 from passlib.context import CryptContext
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
 
-from app.models import Admin
+from app import auth
+from app.errors import (
+    AdminForbidden,
+    AdminUnauthenticated,
+    ServiceUnavailable,
+    TooManyFailedLogins,
+)
+from app.models import Admin, AdminToken, utcnow
+from app.policy import parse_address, parse_networks
 from app.sites import SITE_NAME, SiteError
+from app.throttle import AuthThrottle
 
 PASSWORDS = CryptContext(schemes=["argon2"], deprecated="auto")
 MIN_PASSWORD_LENGTH = 12
@@ -69,3 +82,124 @@ def verify(session: Session, name: str, password: str) -> bool:
         admin.password_hash = new_hash
         session.commit()
     return bool(ok)
+
+
+@dataclass(frozen=True)
+class NewAdminToken:
+    admin: str
+    token: str  # shown once
+    prefix: str
+
+
+def issue_token(session: Session, name: str, label: str | None = None) -> NewAdminToken:
+    """A Bearer token for a machine client (the PHP app) acting as this admin."""
+    admin = session.scalar(select(Admin).where(Admin.name == name))
+    if admin is None:
+        raise SiteError(f"no admin named {name!r}")
+    token = auth.new_token(auth.ADMIN_TOKEN_PREFIX)
+    row = AdminToken(
+        admin_id=admin.id,
+        digest=auth.digest(token),
+        display_prefix=auth.display_prefix(token),
+        label=label,
+    )
+    session.add(row)
+    session.commit()
+    return NewAdminToken(admin=name, token=token, prefix=row.display_prefix)
+
+
+def revoke_token(session: Session, prefix: str) -> None:
+    row = session.scalar(
+        select(AdminToken).where(
+            AdminToken.display_prefix == prefix, AdminToken.revoked_at.is_(None)
+        )
+    )
+    if row is None:
+        raise SiteError(f"no unrevoked admin token with prefix {prefix!r}")
+    row.revoked_at = utcnow()
+    session.commit()
+
+
+def token_admin(session: Session, digest: str) -> str | None:
+    """The admin a live token belongs to, or None."""
+    row = session.execute(
+        select(Admin.name)
+        .join(AdminToken, AdminToken.admin_id == Admin.id)
+        .where(AdminToken.digest == digest, AdminToken.revoked_at.is_(None))
+    ).first()
+    return None if row is None else str(row[0])
+
+
+class AdminAccess:
+    """Authenticates admin requests without paying argon2 on each one.
+
+    A right password is remembered for ``cache_seconds`` under the SHA-256 of the
+    whole credential (never the password itself); tokens are looked up by digest.
+    Failures are throttled per client address like the sites' are.
+    """
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        allowed_cidrs: list[str],
+        cache_seconds: float = 60.0,
+    ) -> None:
+        self._sessions = sessions
+        self._networks = parse_networks(allowed_cidrs)
+        self._cache_seconds = cache_seconds
+        self._passed: dict[str, tuple[float, str]] = {}
+        self.throttle = AuthThrottle(max_failures=10, window_seconds=60.0, block_seconds=300.0)
+
+    async def authenticate(self, authorization: str | None, address: str | None) -> str:
+        """The admin's name, or an IntakeError (401, 403, 429)."""
+        if self._networks:
+            parsed = parse_address(address or "")
+            if parsed is None or not any(parsed in n for n in self._networks):
+                raise AdminForbidden(f"the admin API is not open to {address}")
+        credentials = auth.parse_authorization(authorization)
+        key = None
+        if credentials is not None:
+            key = hashlib.sha256(
+                f"{credentials.site_name}\0{credentials.token}".encode()
+            ).hexdigest()
+        wait = self.throttle.blocked_for(address, key)
+        if wait > 0:
+            raise TooManyFailedLogins(
+                "too many failed admin authentications from this address",
+                retry_after=math.ceil(wait),
+            )
+        if credentials is None or key is None:
+            raise AdminUnauthenticated("admin credentials needed: HTTP Basic or a Bearer token")
+        name = await self._verify(credentials, key)
+        if name is None:
+            self.throttle.failed(address)
+            raise AdminUnauthenticated("wrong admin name, password or token")
+        self.throttle.succeeded(address, key)
+        return name
+
+    async def _verify(self, credentials: auth.Credentials, key: str) -> str | None:
+        now = time.monotonic()
+        hit = self._passed.get(key)
+        if hit is not None and now - hit[0] < self._cache_seconds:
+            return hit[1]
+
+        def check() -> str | None:
+            with self._sessions() as session:
+                if credentials.site_name is None:
+                    if not auth.is_well_formed(credentials.token, auth.ADMIN_TOKEN_PREFIX):
+                        return None
+                    return token_admin(session, auth.digest(credentials.token))
+                if verify(session, credentials.site_name, credentials.token):
+                    return credentials.site_name
+                return None
+
+        try:
+            name = await asyncio.to_thread(check)
+        except SQLAlchemyError as exc:
+            raise ServiceUnavailable("the intake database is unavailable; try again") from exc
+        if name is not None:
+            # Tokens are cached briefly too, so a revoked one stops within this time.
+            self._passed[key] = (now, name)
+            if len(self._passed) > 10_000:
+                self._passed.clear()
+        return name

@@ -17,6 +17,7 @@ import zlib
 from dataclasses import dataclass
 
 TOKEN_PREFIX = "oit_"  # noqa: S105 - a public marker for scanners, not a secret
+ADMIN_TOKEN_PREFIX = "oia_"  # noqa: S105 - admin API tokens: same format, other marker
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _BODY_LEN = 43  # ceil(256 / log2(62))
 _CHECK_LEN = 6  # ceil(32 / log2(62))
@@ -35,15 +36,15 @@ def _checksum(body: str) -> str:
     return _base62(zlib.crc32(body.encode("ascii")), _CHECK_LEN)
 
 
-def new_token() -> str:
+def new_token(prefix: str = TOKEN_PREFIX) -> str:
     body = _base62(secrets.randbits(256), _BODY_LEN)
-    return TOKEN_PREFIX + body + _checksum(body)
+    return prefix + body + _checksum(body)
 
 
-def is_well_formed(token: str) -> bool:
-    if len(token) != TOKEN_LENGTH or not token.startswith(TOKEN_PREFIX):
+def is_well_formed(token: str, prefix: str = TOKEN_PREFIX) -> bool:
+    if len(token) != TOKEN_LENGTH or not token.startswith(prefix):
         return False
-    body = token[len(TOKEN_PREFIX) : len(TOKEN_PREFIX) + _BODY_LEN]
+    body = token[len(prefix) : len(prefix) + _BODY_LEN]
     if any(c not in _ALPHABET for c in body):
         return False
     return secrets.compare_digest(token[-_CHECK_LEN:], _checksum(body))

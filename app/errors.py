@@ -8,11 +8,14 @@ listener puts in its Orthanc-shaped JSON. Nothing here imports FastAPI.
 
     IntakeError
     ├── Unauthenticated ............. 401  (carries WWW-Authenticate)
+    │   └── AdminUnauthenticated      the admin listener's realm
     ├── Forbidden ................... 403  (authenticated, but the site's policy says no)
     │   ├── AddressNotAllowed         client address outside the site's allow-list
-    │   └── ContentNotAllowed         modality / SOP Class outside the site's allow-list
+    │   ├── ContentNotAllowed         modality / SOP Class outside the site's allow-list
+    │   └── AdminForbidden            client address outside the admin allow-list
     ├── NotFound .................... 404  (no such route on the public listener)
     ├── MethodNotAllowed ............ 405
+    ├── Conflict .................... 409  (admin: that change does not fit the record's state)
     ├── ClientTimeout ............... 408  (body trickled slower than allowed)
     ├── InstanceTooLarge ............ 413  (body or inflated body over the cap)
     ├── UnsupportedEncoding ......... 415  (Content-Encoding other than gzip/identity)
@@ -72,6 +75,12 @@ class Unauthenticated(IntakeError):
         return {"WWW-Authenticate": 'Basic realm="Orthanc Intake"'}
 
 
+class AdminUnauthenticated(Unauthenticated):
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return {"WWW-Authenticate": 'Basic realm="Orthanc Intake admin"'}
+
+
 class Forbidden(IntakeError):
     status_code = 403
     orthanc_error = "Bad request"
@@ -88,6 +97,10 @@ class ContentNotAllowed(Forbidden):
     reason = "content_not_allowed"
 
 
+class AdminForbidden(Forbidden):
+    reason = "admin_address_not_allowed"
+
+
 class NotFound(IntakeError):
     status_code = 404
     orthanc_error = "Unknown resource"
@@ -102,6 +115,14 @@ class MethodNotAllowed(IntakeError):
     orthanc_status = 8
     message = "Method not allowed"
     reason = "method_not_allowed"
+
+
+class Conflict(IntakeError):
+    status_code = 409
+    orthanc_error = "Bad request"
+    orthanc_status = 8
+    message = "Conflict"
+    reason = "conflict"
 
 
 class ClientTimeout(IntakeError):

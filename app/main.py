@@ -11,7 +11,9 @@ from collections.abc import AsyncIterator, Iterator
 import uvicorn
 from fastapi import FastAPI
 
+from app import __version__
 from app.api import admin, public
+from app.api.admin.deps import install_admin_errors
 from app.api.errors import install_orthanc_errors
 from app.service import Service
 from app.settings import Settings
@@ -52,8 +54,19 @@ def create_public_app(settings: Settings, service: Service | None = None) -> Fas
 
 
 def create_admin_app(settings: Settings, service: Service | None = None) -> FastAPI:
-    app = FastAPI(title="Orthanc Intake (admin)", lifespan=_lifespan(settings, service))
+    app = FastAPI(
+        title="Orthanc Intake admin API",
+        version=__version__,
+        description=(
+            "The admin listener (127.0.0.1 by default). Every route but the health ones "
+            "needs an admin: HTTP Basic (name + password) or `Authorization: Bearer oia_…` "
+            "(from `orthanc-intake admins token NAME`). Errors are "
+            '`{"error": <machine reason>, "detail": <human text>}`.'
+        ),
+        lifespan=_lifespan(settings, service),
+    )
     app.include_router(admin.router)
+    install_admin_errors(app)
     return app
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -74,6 +75,7 @@ class State(enum.StrEnum):
     QUEUED = "queued"
     FORWARDED = "forwarded"
     QUARANTINED = "quarantined"
+    DISCARDED = "discarded"  # an admin gave up on it, with a reason; its file is gone
 
 
 class Site(Base):
@@ -159,17 +161,73 @@ class Admin(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
+class AdminToken(Base):
+    """A machine credential for the admin API (e.g. the PHP app); only a digest is kept."""
+
+    __tablename__ = "admin_tokens"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    admin_id: Mapped[int] = mapped_column(ForeignKey("admins.id", ondelete="CASCADE"), index=True)
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    display_prefix: Mapped[str] = mapped_column(String(16))
+    label: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class WebhookDelivery(Base):
+    """One study-arrived event for one webhook URL: pending until delivered or failed."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        CheckConstraint("state IN ('pending', 'delivered', 'failed')", name="state_known"),
+        # One event per study state: more instances later make a new event.
+        Index(
+            "uq_webhook_deliveries_event",
+            "site_id",
+            "study_instance_uid",
+            "instance_count",
+            "url",
+            unique=True,
+        ),
+        Index("ix_webhook_deliveries_due", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id"))
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    orthanc_study_id: Mapped[str | None] = mapped_column(String(44))
+    instance_count: Mapped[int] = mapped_column(Integer)
+    url: Mapped[str] = mapped_column(String(2048))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
 class Upload(Base):
     """One intake record per upload, whatever became of it."""
 
     __tablename__ = "uploads"
     __table_args__ = (
         CheckConstraint(
-            "state IN ('received', 'rejected', 'duplicate', 'queued', 'forwarded', 'quarantined')",
+            "state IN ('received', 'rejected', 'duplicate', 'queued', 'forwarded', "
+            "'quarantined', 'discarded')",
             name="state_known",
         ),
         Index("ix_uploads_due", "state", "next_attempt_at"),
         Index("ix_uploads_site_received", "site_id", "received_at"),
+        # The admin API's common queries (app/records.py): newest first with a keyset
+        # cursor, by state, by patient, and a site's studies.
+        Index("ix_uploads_received", "received_at", "id"),
+        Index("ix_uploads_state_received", "state", "received_at"),
+        Index("ix_uploads_patient_id", "patient_id"),
+        Index("ix_uploads_site_study", "site_id", "study_instance_uid"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -206,6 +264,7 @@ class Upload(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(64))
     lease_until: Mapped[datetime | None] = mapped_column(UtcDateTime)
     forwarded_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    discarded_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     spool_name: Mapped[str | None] = mapped_column(String(64))
 
     site: Mapped[Site] = relationship()

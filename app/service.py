@@ -15,6 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from app import dicom, usage
 from app.access import Access
+from app.admins import AdminAccess
 from app.db import make_engine, make_sessionmaker
 from app.errors import ForwardError
 from app.forwarder import Forwarder
@@ -43,6 +44,9 @@ class Service:
             workers=settings.validation_workers,
         )
         self.access = Access(settings, self.sessions)
+        self.admin_access = AdminAccess(
+            self.sessions, settings.admin_allowed_cidrs, settings.admin_password_cache_seconds
+        )
         self.orthanc = OrthancClient(settings)
         self.forwarder = Forwarder(settings, self.sessions, self.spool, self.orthanc)
         self.intake = Intake(

@@ -71,16 +71,20 @@ class Settings(BaseSettings):
     token_rotation_grace_days: float = Field(default=30.0, ge=0)
     upload_slot_ttl_seconds: float = Field(default=120.0, gt=0)  # renewed while an upload runs
 
+    # Admin listener (app/admins.py).
+    admin_allowed_cidrs: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    admin_password_cache_seconds: float = Field(default=60.0, ge=0)
+
     log_level: str = "INFO"
 
-    @field_validator("trusted_proxies", mode="before")
+    @field_validator("trusted_proxies", "admin_allowed_cidrs", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("trusted_proxies")
+    @field_validator("trusted_proxies", "admin_allowed_cidrs")
     @classmethod
     def _valid_networks(cls, value: list[str]) -> list[str]:
         return [str(ipaddress.ip_network(v, strict=False)) for v in value]

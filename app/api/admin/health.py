@@ -1,25 +1,17 @@
-"""The admin listener (127.0.0.1 by default): health for now; the admin API grows here."""
+"""Health for load balancers and monitors: no credentials, nothing about any upload."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from app.api.admin.deps import ServiceDep
 from app.errors import ForwardError
-from app.service import Service
 
-router = APIRouter()
-
-
-def get_service(request: Request) -> Service:
-    service: Service = request.app.state.service
-    return service
-
-
-ServiceDep = Annotated[Service, Depends(get_service)]
+router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
