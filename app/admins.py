@@ -134,7 +134,8 @@ class AdminAccess:
     """Authenticates admin requests without paying argon2 on each one.
 
     A right password is remembered for ``cache_seconds`` under the SHA-256 of the
-    whole credential (never the password itself); tokens are looked up by digest.
+    whole credential (never the password itself); a token's lookup for
+    ``token_cache_seconds``, so a revoked token stops working within that time.
     Failures are throttled per client address like the sites' are.
     """
 
@@ -143,10 +144,12 @@ class AdminAccess:
         sessions: sessionmaker[Session],
         allowed_cidrs: list[str],
         cache_seconds: float = 60.0,
+        token_cache_seconds: float = 5.0,
     ) -> None:
         self._sessions = sessions
         self._networks = parse_networks(allowed_cidrs)
         self._cache_seconds = cache_seconds
+        self._token_cache_seconds = token_cache_seconds
         self._passed: dict[str, tuple[float, str]] = {}
         self.throttle = AuthThrottle(max_failures=10, window_seconds=60.0, block_seconds=300.0)
 
@@ -180,7 +183,8 @@ class AdminAccess:
     async def _verify(self, credentials: auth.Credentials, key: str) -> str | None:
         now = time.monotonic()
         hit = self._passed.get(key)
-        if hit is not None and now - hit[0] < self._cache_seconds:
+        ttl = self._token_cache_seconds if credentials.site_name is None else self._cache_seconds
+        if hit is not None and now - hit[0] < ttl:
             return hit[1]
 
         def check() -> str | None:
@@ -198,7 +202,6 @@ class AdminAccess:
         except SQLAlchemyError as exc:
             raise ServiceUnavailable("the intake database is unavailable; try again") from exc
         if name is not None:
-            # Tokens are cached briefly too, so a revoked one stops within this time.
             self._passed[key] = (now, name)
             if len(self._passed) > 10_000:
                 self._passed.clear()

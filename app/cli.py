@@ -98,16 +98,8 @@ def migrate() -> None:
     typer.echo("database schema is up to date")
 
 
-def orthanc_peers(settings: Settings, site: str, token: str) -> dict[str, Any]:
-    """The OrthancPeers entries a site pastes into its Orthanc configuration."""
-    return {
-        "basic": {"Url": settings.peer_url, "Username": site, "Password": token},
-        "bearer": {"Url": settings.peer_url, "HttpHeaders": {"Authorization": f"Bearer {token}"}},
-    }
-
-
 def _print_new_token(settings: Settings, created: sites.NewToken, as_json: bool, verb: str) -> None:
-    peers = orthanc_peers(settings, created.site, created.token)
+    peers = sites.orthanc_peers(settings.peer_url, created.site, created.token)
     if as_json:
         _print_json(
             {
@@ -318,6 +310,32 @@ def admins_add(
         _print_json(view)
     else:
         typer.echo(f"admin {view.name!r} created")
+
+
+@admins_cli.command("token")
+def admins_token(
+    name: str,
+    label: Annotated[str | None, typer.Option(help="What uses it, e.g. 'php-app'.")] = None,
+    revoke: Annotated[
+        str | None, typer.Option(help="Revoke the admin token with this prefix instead.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Issue a Bearer token for the admin API (shown once), or revoke one."""
+    with _session() as (_, session):
+        if revoke is not None:
+            admins.revoke_token(session, revoke)
+            if as_json:
+                _print_json({"revoked": revoke})
+            else:
+                typer.echo(f"admin token {revoke} revoked")
+            return
+        issued = admins.issue_token(session, name, label)
+    if as_json:
+        _print_json(issued)
+    else:
+        typer.echo(f"Admin token for {issued.admin!r} (shown once; store it now): {issued.token}")
+        typer.echo(f"Use it as: Authorization: Bearer {issued.token}")
 
 
 @admins_cli.command("list")

@@ -13,7 +13,8 @@ listener puts in its Orthanc-shaped JSON. Nothing here imports FastAPI.
     │   ├── AddressNotAllowed         client address outside the site's allow-list
     │   ├── ContentNotAllowed         modality / SOP Class outside the site's allow-list
     │   └── AdminForbidden            client address outside the admin allow-list
-    ├── NotFound .................... 404  (no such route on the public listener)
+    ├── BadRequest .................. 400  (admin: an operation that cannot be done as asked)
+    ├── NotFound .................... 404  (no such route, or no such record)
     ├── MethodNotAllowed ............ 405
     ├── Conflict .................... 409  (admin: that change does not fit the record's state)
     ├── ClientTimeout ............... 408  (body trickled slower than allowed)
@@ -99,6 +100,16 @@ class ContentNotAllowed(Forbidden):
 
 class AdminForbidden(Forbidden):
     reason = "admin_address_not_allowed"
+
+
+class BadRequest(IntakeError):
+    """A request the admin API cannot carry out as asked (the detail says why)."""
+
+    status_code = 400
+    orthanc_error = "Bad request"
+    orthanc_status = 8
+    message = "Bad request"
+    reason = "bad_request"
 
 
 class NotFound(IntakeError):

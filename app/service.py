@@ -45,7 +45,10 @@ class Service:
         )
         self.access = Access(settings, self.sessions)
         self.admin_access = AdminAccess(
-            self.sessions, settings.admin_allowed_cidrs, settings.admin_password_cache_seconds
+            self.sessions,
+            settings.admin_allowed_cidrs,
+            settings.admin_password_cache_seconds,
+            settings.auth_cache_seconds,
         )
         self.orthanc = OrthancClient(settings)
         self.forwarder = Forwarder(settings, self.sessions, self.spool, self.orthanc)

@@ -97,6 +97,14 @@ class SiteView:
         return "disabled" if self.disabled_at else "active"
 
 
+def orthanc_peers(peer_url: str, site: str, token: str) -> dict[str, dict[str, Any]]:
+    """The OrthancPeers entries a site pastes into its Orthanc configuration."""
+    return {
+        "basic": {"Url": peer_url, "Username": site, "Password": token},
+        "bearer": {"Url": peer_url, "HttpHeaders": {"Authorization": f"Bearer {token}"}},
+    }
+
+
 def _view(site: Site) -> SiteView:
     return SiteView(
         id=site.id,

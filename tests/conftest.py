@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import postgres
-from tests.support.intake import IntakeProcess, Site
+from tests.support.intake import Admin, IntakeProcess, Site
 from tests.support.orthanc import OrthancProcess
 
 BACKENDS = ["sqlite", "postgresql"]
@@ -88,3 +88,8 @@ def intake(
 @pytest.fixture
 def site(intake: IntakeProcess) -> Site:
     return intake.add_site("hospital-a")
+
+
+@pytest.fixture
+def admin(intake: IntakeProcess) -> Admin:
+    return intake.add_admin()

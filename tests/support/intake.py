@@ -32,6 +32,13 @@ class Site:
 
 
 @dataclass
+class Admin:
+    name: str
+    password: str
+    token: str
+
+
+@dataclass
 class IntakeProcess:
     workdir: Path
     database_url: str
@@ -102,6 +109,35 @@ class IntakeProcess:
             raise AssertionError(f"sites add failed: {done.stderr}")
         data = json.loads(done.stdout)
         return Site(data["site"], data["token"], data["orthanc_peer"], data["orthanc_peer_bearer"])
+
+    def add_admin(self, name: str = "admin", password: str = "a long admin password") -> Admin:
+        """An admin account and a Bearer token for it (the PHP app's way in)."""
+        done = subprocess.run(
+            [sys.executable, "-m", "app", "admins", "add", name, "--password-stdin"],
+            input=password + "\n",
+            env=self.env(),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise AssertionError(f"admins add failed: {done.stderr}")
+        issued = self.cli("admins", "token", name, "--json")
+        if issued.returncode != 0:
+            raise AssertionError(f"admins token failed: {issued.stderr}")
+        return Admin(name, password, json.loads(issued.stdout)["token"])
+
+    def admin_client(self, admin: Admin | None = None, *, basic: bool = False) -> httpx.Client:
+        """A client on the admin listener: Bearer token by default, or Basic, or none."""
+        headers: dict[str, str] = {}
+        auth: tuple[str, str] | None = None
+        if admin is not None and basic:
+            auth = (admin.name, admin.password)
+        elif admin is not None:
+            headers["Authorization"] = f"Bearer {admin.token}"
+        return httpx.Client(base_url=self.admin_url, auth=auth, headers=headers, timeout=60)
 
     def start(self, timeout: float = 60) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
