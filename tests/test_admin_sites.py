@@ -1,0 +1,94 @@
+"""The admin API manages sites exactly as the CLI does, through the same service layer."""
+
+from __future__ import annotations
+
+import httpx
+
+from tests.support.intake import Admin, IntakeProcess, Site, wait_until
+from tests.support.studies import make_study
+
+
+def test_create_rotate_revoke_over_the_api(intake: IntakeProcess, admin: Admin) -> None:
+    """A site made through the API uploads; rotation overlaps; revocation ends a token."""
+    with intake.admin_client(admin) as api:
+        created = api.post("/api/sites", json={"name": "api-site", "label": "first"})
+        assert created.status_code == 201, created.text
+        first = created.json()
+        assert first["orthanc_peer"]["Username"] == "api-site"
+        site = Site("api-site", first["token"], first["orthanc_peer"], first["orthanc_peer_bearer"])
+        assert intake.upload(site, make_study(1, 1)[0]).status_code == 200
+
+        rotated = api.post("/api/sites/api-site/rotate", json={"grace_days": 1}).json()
+        new = Site(
+            "api-site", rotated["token"], rotated["orthanc_peer"], rotated["orthanc_peer_bearer"]
+        )
+        assert intake.upload(new, make_study(1, 1)[0]).status_code == 200
+        assert intake.upload(site, make_study(1, 1)[0]).status_code == 200
+
+        shown = api.get("/api/sites/api-site").json()
+        assert shown["status"] == "active"
+        assert len(shown["tokens"]) == 2
+        assert first["token"] not in str(shown)
+        old_prefix = shown["tokens"][0]["prefix"]
+        revoked = api.post("/api/sites/api-site/revoke", json={"token_prefix": old_prefix})
+        assert revoked.json() == {"revoked": 1}
+    # This intake process forgets its cache at once on an admin change.
+    assert intake.upload(site, make_study(1, 1)[0]).status_code == 401
+    assert intake.upload(new, make_study(1, 1)[0]).status_code == 200
+
+
+def test_policy_disable_delete_and_errors(intake: IntakeProcess, admin: Admin, site: Site) -> None:
+    with intake.admin_client(admin) as api:
+        policy = api.patch(
+            f"/api/sites/{site.name}/policy",
+            json={"allowed_modalities": ["mr"], "instances_per_minute": 50},
+        ).json()["policy"]
+        assert policy["allowed_modalities"] == ["MR"]
+        refused = intake.upload(site, make_study(1, 1)[0])
+        assert refused.status_code == 403
+        assert "CT" in refused.json()["Details"]
+        cleared = api.patch(
+            f"/api/sites/{site.name}/policy", json={"allowed_modalities": None}
+        ).json()["policy"]
+        assert cleared["allowed_modalities"] == []
+        assert intake.upload(site, make_study(1, 1)[0]).status_code == 200
+
+        assert api.post(f"/api/sites/{site.name}/disable").json()["status"] == "disabled"
+        assert intake.upload(site, make_study(1, 1)[0]).status_code == 401
+        assert api.post(f"/api/sites/{site.name}/enable").json()["status"] == "active"
+        assert intake.upload(site, make_study(1, 1)[0]).status_code == 200
+
+        missing = api.get("/api/sites/nope")
+        assert missing.status_code == 404
+        assert missing.json()["error"] == "not_found"
+        dup = api.post("/api/sites", json={"name": site.name})
+        assert dup.status_code == 409
+        bad = api.patch(f"/api/sites/{site.name}/policy", json={"allowed_cidrs": ["300.1.1.1"]})
+        assert bad.status_code == 400
+        assert "300.1.1.1" in bad.json()["detail"]
+        invalid = api.patch(f"/api/sites/{site.name}/policy", json={"bytes_per_day": 0})
+        assert invalid.status_code == 422
+        assert invalid.json()["error"] == "invalid_request"
+
+        deleted = api.delete(f"/api/sites/{site.name}").json()
+        assert deleted["status"] == "deleted"
+        assert [s["name"] for s in api.get("/api/sites").json()] == []
+        assert [s["name"] for s in api.get("/api/sites?include_deleted=true").json()] == [site.name]
+    assert intake.upload(site, make_study(1, 1)[0]).status_code == 401
+
+
+def test_cli_changes_reach_a_running_intake_within_the_cache_time(
+    intake: IntakeProcess, site: Site
+) -> None:
+    """A revocation made by another process (the CLI) applies within AUTH_CACHE_SECONDS."""
+    assert intake.upload(site, make_study(1, 1)[0]).status_code == 200
+    assert intake.cli("sites", "revoke", site.name, "--all").returncode == 0
+    wait_until(
+        lambda: (
+            httpx.post(
+                f"{intake.url}/instances", content=b"x", auth=(site.name, site.token)
+            ).status_code
+            == 401
+        ),
+        timeout=10,
+    )
