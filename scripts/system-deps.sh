@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test suite runs for real, when they are missing:
-# Orthanc (private Orthanc and remote site in the tests) and a PostgreSQL server.
+# Orthanc (private Orthanc and remote site in the tests), a PostgreSQL server, and
+# PHP with curl (the admin API's PHP example is run against a live intake).
 set -euo pipefail
 
 SUDO=""
@@ -12,6 +13,8 @@ fi
 missing=()
 command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
 command -v pg_ctlcluster >/dev/null 2>&1 || missing+=(postgresql)
+command -v php >/dev/null 2>&1 || missing+=(php-cli)
+php -m 2>/dev/null | grep -qx curl || missing+=(php-curl)
 
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing Debian packages: ${missing[*]}"
