@@ -10,19 +10,11 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from app import sites
+from app.api.deps import ServiceDep
 from app.intake import Receipt
-from app.service import Service
 
 log = logging.getLogger(__name__)
 router = APIRouter(redirect_slashes=False)
-
-
-def get_service(request: Request) -> Service:
-    service: Service = request.app.state.service
-    return service
-
-
-ServiceDep = Annotated[Service, Depends(get_service)]
 
 
 async def get_site(request: Request, service: ServiceDep) -> sites.AuthenticatedSite:

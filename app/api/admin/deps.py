@@ -10,8 +10,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.api.deps import ServiceDep as ServiceDep  # re-exported for the admin routes
 from app.errors import IntakeError
-from app.service import Service
 
 
 class ErrorBody(BaseModel):
@@ -26,14 +26,6 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     403: {"model": ErrorBody, "description": "Address outside the admin allow-list"},
     429: {"model": ErrorBody, "description": "Too many failed authentications"},
 }
-
-
-def get_service(request: Request) -> Service:
-    service: Service = request.app.state.service
-    return service
-
-
-ServiceDep = Annotated[Service, Depends(get_service)]
 
 
 async def get_admin(request: Request, service: ServiceDep) -> str:
