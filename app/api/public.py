@@ -20,7 +20,9 @@ router = APIRouter(redirect_slashes=False)
 async def get_site(request: Request, service: ServiceDep) -> sites.AuthenticatedSite:
     """Authenticate from headers alone, before a byte of the body is read."""
     peer = request.client.host if request.client else None
-    address = service.access.client_address(peer, request.headers.get("x-forwarded-for"))
+    # Repeated header lines form one list (RFC 9110 §5.3); some proxies add a line.
+    forwarded = ",".join(request.headers.getlist("x-forwarded-for")) or None
+    address = service.access.client_address(peer, forwarded)
     request.state.client_address = address
     return await service.access.authenticate(request.headers.get("authorization"), address)
 
