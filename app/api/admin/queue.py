@@ -1,9 +1,216 @@
-"""Admin routes: queue (being written)."""
+"""Admin routes for the queue and the quarantine: list, retry, discard, inspect conflicts."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
+from typing import Annotated, Literal, TypeVar
 
-from app.api.admin.deps import ERROR_RESPONSES
+from fastapi import APIRouter, Query
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
 
-router = APIRouter(prefix="/api", responses=ERROR_RESPONSES)
+from app.api.admin.deps import ERROR_RESPONSES, AdminDep, ErrorBody, ServiceDep
+from app.backlog import Backlog, ConflictItem, Item, KeptFile, RetryCount
+from app.models import State
+from app.service import Service
+
+router = APIRouter(
+    prefix="/api",
+    tags=["queue"],
+    responses={**ERROR_RESPONSES, 404: {"model": ErrorBody}, 409: {"model": ErrorBody}},
+)
+T = TypeVar("T")
+_CHUNK = 1024 * 1024
+
+
+class UploadOut(BaseModel):
+    id: int
+    receipt: str
+    site: str
+    state: str
+    reason: str | None
+    detail: str | None
+    attempts: int
+    failed_answers: int = Field(description="Error answers from Orthanc (5xx) so far")
+    next_attempt_at: datetime | None
+    lease_until: datetime | None = Field(description="Set while the forwarder delivers it")
+    received_at: datetime
+    byte_size: int
+    sha256: str | None
+    sop_instance_uid: str | None
+    series_instance_uid: str | None
+    study_instance_uid: str | None
+    discarded_at: datetime | None
+    has_file: bool = Field(description="The spool still holds its bytes")
+
+
+class UploadPage(BaseModel):
+    items: list[UploadOut]
+    next_cursor: int | None = Field(description="Pass as `cursor` for the next page")
+
+
+class CounterpartOut(BaseModel):
+    id: int
+    sha256: str | None
+    state: str
+    received_at: datetime
+    orthanc_instance_id: str | None
+
+
+class ConflictOut(BaseModel):
+    upload: UploadOut
+    conflicts_with: CounterpartOut | None = Field(
+        description="The forwarded or queued upload with the same SOP Instance UID; null "
+        "when Orthanc's copy came from elsewhere"
+    )
+
+
+class ConflictPage(BaseModel):
+    items: list[ConflictOut]
+    next_cursor: int | None
+
+
+class RetryCountOut(BaseModel):
+    retried: int = Field(description="requeued + made_due")
+    requeued: int = Field(description="Quarantined uploads put back in the queue")
+    made_due: int = Field(description="Queued uploads in back-off made due now")
+    skipped: int = Field(description="Conflicts, lost files, uploads being forwarded")
+
+
+class StudyIn(BaseModel):
+    site: str
+    study_uid: str = Field(min_length=1)
+
+
+class DiscardIn(BaseModel):
+    reason: str = Field(min_length=1, max_length=2000, description="Recorded in the detail")
+
+
+async def _call(service: Service, action: Callable[[Backlog], T]) -> T:
+    return await asyncio.to_thread(action, Backlog(service.sessions, service.spool))
+
+
+def _upload(item: Item) -> UploadOut:
+    return UploadOut.model_validate(item, from_attributes=True)
+
+
+def _conflict(item: ConflictItem) -> ConflictOut:
+    return ConflictOut.model_validate(item, from_attributes=True)
+
+
+def _count(count: RetryCount) -> RetryCountOut:
+    return RetryCountOut(
+        retried=count.requeued + count.made_due,
+        requeued=count.requeued,
+        made_due=count.made_due,
+        skipped=count.skipped,
+    )
+
+
+Limit = Annotated[int, Query(ge=1, le=500)]
+
+
+@router.get("/queue")
+async def list_queue(
+    _: AdminDep,
+    service: ServiceDep,
+    state: Literal["queued", "quarantined"] = "queued",
+    site: str | None = None,
+    reason: str | None = None,
+    limit: Limit = 100,
+    cursor: int | None = None,
+) -> UploadPage:
+    """What waits for Orthanc (oldest first) or sits in quarantine (newest first)."""
+    page = await _call(
+        service,
+        lambda b: b.page(State(state), site=site, reason=reason, limit=limit, cursor=cursor),
+    )
+    return UploadPage(items=[_upload(i) for i in page.items], next_cursor=page.next_cursor)
+
+
+@router.post("/uploads/{upload_id}/retry")
+async def retry_upload(upload_id: int, admin: AdminDep, service: ServiceDep) -> UploadOut:
+    """Put a quarantined upload back in the queue (attempts reset), or make a queued one due.
+
+    Conflicts (reason `conflict`) are refused with 409: Orthanc already holds that SOP
+    instance with other bytes and would answer `AlreadyStored` and keep its copy. Delete
+    Orthanc's copy first, or resolve the conflict with `discard` to keep Orthanc's copy.
+    A quarantined upload whose spool file is gone is a 409 too (nothing to retry), and so
+    is a queued one the forwarder is delivering at this moment.
+    """
+    item = await _call(service, lambda b: b.retry(upload_id, admin))
+    service.forwarder.notify()
+    return _upload(item)
+
+
+@router.post("/studies/retry")
+async def retry_study(body: StudyIn, admin: AdminDep, service: ServiceDep) -> RetryCountOut:
+    """Retry every quarantined upload of one study of a site (conflicts are skipped)."""
+    count = await _call(service, lambda b: b.retry_study(body.site, body.study_uid, admin))
+    service.forwarder.notify()
+    return _count(count)
+
+
+@router.post("/sites/{name}/retry")
+async def retry_site(name: str, admin: AdminDep, service: ServiceDep) -> RetryCountOut:
+    """Retry every quarantined upload of a site (conflicts are skipped)."""
+    count = await _call(service, lambda b: b.retry_site(name, admin))
+    service.forwarder.notify()
+    return _count(count)
+
+
+@router.post("/uploads/{upload_id}/discard")
+async def discard_upload(
+    upload_id: int, body: DiscardIn, admin: AdminDep, service: ServiceDep
+) -> UploadOut:
+    """Give up on a queued or quarantined upload, with a reason; then its file is removed.
+
+    Discarding a conflict resolves it in favour of the copy Orthanc holds.
+    """
+    return _upload(await _call(service, lambda b: b.discard(upload_id, admin, body.reason)))
+
+
+@router.get("/conflicts")
+async def list_conflicts(
+    _: AdminDep,
+    service: ServiceDep,
+    site: str | None = None,
+    limit: Limit = 100,
+    cursor: int | None = None,
+) -> ConflictPage:
+    """Quarantined conflicts (same SOP Instance UID, other bytes), newest first.
+
+    Each comes with the upload it collides with, to compare hashes; fetch the kept bytes
+    with `GET /api/uploads/{id}/file`.
+    """
+    page = await _call(service, lambda b: b.conflicts(site=site, limit=limit, cursor=cursor))
+    return ConflictPage(items=[_conflict(c) for c in page.items], next_cursor=page.next_cursor)
+
+
+@router.get(
+    "/uploads/{upload_id}/file",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/dicom": {}}, "description": "The kept file"}},
+)
+async def upload_file(upload_id: int, _: AdminDep, service: ServiceDep) -> StreamingResponse:
+    """The bytes kept for a quarantined upload, as stored (preamble zeroed)."""
+    kept = await _call(service, lambda b: b.open_file(upload_id))
+    return StreamingResponse(
+        _stream(kept),
+        media_type="application/dicom",
+        headers={
+            "Content-Length": str(kept.size),
+            "Content-Disposition": f'attachment; filename="{kept.name}"',
+        },
+    )
+
+
+async def _stream(kept: KeptFile) -> AsyncIterator[bytes]:
+    # Opened before the answer starts, so a discard meanwhile cannot cut the body short.
+    try:
+        while chunk := await asyncio.to_thread(kept.file.read, _CHUNK):
+            yield chunk
+    finally:
+        kept.file.close()
