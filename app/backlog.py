@@ -20,7 +20,15 @@ from typing import BinaryIO
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
-from app.errors import BadRequest, Conflict, IntakeError, NotFound
+from app.errors import (
+    BadRequest,
+    BeingForwarded,
+    ConflictNotRetryable,
+    IntakeError,
+    NotFound,
+    NothingToRetry,
+    WrongState,
+)
 from app.models import Site, State, Upload, utcnow
 from app.spool import QUARANTINE, QUEUE, Spool
 
@@ -159,7 +167,7 @@ class Backlog:
         with self._sessions() as session:
             row = _get(session, upload_id)
             if row.state != State.QUARANTINED:
-                raise Conflict(
+                raise WrongState(
                     f"upload {upload_id} is {row.state}: only quarantined files are kept"
                 )
             name = row.spool_name or ""
@@ -191,7 +199,7 @@ class Backlog:
         with self._locked(upload_id) as (session, row):
             now = utcnow()
             if row.state not in LISTED:
-                raise Conflict(
+                raise WrongState(
                     f"upload {upload_id} is {row.state}: only queued or quarantined "
                     "uploads can be discarded"
                 )
@@ -232,11 +240,11 @@ class Backlog:
             log.info("admin %r made upload id=%d receipt=%s due now", admin, row.id, row.receipt)
             return "made_due"
         if row.state != State.QUARANTINED:
-            raise Conflict(
+            raise WrongState(
                 f"upload {row.id} is {row.state}: only quarantined or queued uploads can be retried"
             )
         if row.reason == "conflict":
-            raise Conflict(
+            raise ConflictNotRetryable(
                 f"upload {row.id} is a conflict: Orthanc already holds SOP instance "
                 f"{row.sop_instance_uid} with other bytes and would ignore these; delete "
                 "Orthanc's copy first, or discard this upload to keep Orthanc's"
@@ -247,7 +255,7 @@ class Backlog:
             # A crash between a quarantine's move and commit can leave it in queue/.
             source = self._spool.path(QUEUE, name)
             if not name or not source.is_file():
-                raise Conflict(f"upload {row.id}: its spool file is gone, nothing to retry")
+                raise NothingToRetry(f"upload {row.id}: its spool file is gone, nothing to retry")
         previous = row.reason
         target = self._spool.keep(source, QUEUE, name)
         row.state = State.QUEUED
@@ -364,7 +372,7 @@ def _site_id(session: Session, name: str) -> int:
 
 def _not_leased(row: Upload, now: datetime) -> None:
     if row.lease_until is not None and row.lease_until > now:
-        raise Conflict(f"upload {row.id} is being forwarded, try again in a moment")
+        raise BeingForwarded(f"upload {row.id} is being forwarded, try again in a moment")
 
 
 def _counterpart(row: Upload | None) -> Counterpart | None:

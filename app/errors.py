@@ -17,6 +17,10 @@ listener puts in its Orthanc-shaped JSON. Nothing here imports FastAPI.
     ├── NotFound .................... 404  (no such route, or no such record)
     ├── MethodNotAllowed ............ 405
     ├── Conflict .................... 409  (admin: that change does not fit the record's state)
+    │   ├── WrongState                e.g. discarding a forwarded upload
+    │   ├── BeingForwarded            the forwarder holds the row right now
+    │   ├── NothingToRetry            the kept spool file is gone
+    │   └── ConflictNotRetryable      a same-UID-other-bytes upload: Orthanc would ignore it
     ├── ClientTimeout ............... 408  (body trickled slower than allowed)
     ├── InstanceTooLarge ............ 413  (body or inflated body over the cap)
     ├── UnsupportedEncoding ......... 415  (Content-Encoding other than gzip/identity)
@@ -134,6 +138,22 @@ class Conflict(IntakeError):
     orthanc_status = 8
     message = "Conflict"
     reason = "conflict"
+
+
+class WrongState(Conflict):
+    reason = "wrong_state"
+
+
+class BeingForwarded(Conflict):
+    reason = "being_forwarded"
+
+
+class NothingToRetry(Conflict):
+    reason = "nothing_to_retry"
+
+
+class ConflictNotRetryable(Conflict):
+    reason = "conflict_not_retryable"
 
 
 class ClientTimeout(IntakeError):

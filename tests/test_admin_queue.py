@@ -265,6 +265,7 @@ def test_retry_without_the_spool_file_is_409_nothing_to_retry(world: World) -> N
     row = world.insert("hospital-a", State.QUARANTINED, "spool_file_missing", with_file=False)
     response = _retry(world, row)
     assert response.status_code == 409
+    assert response.json()["error"] == "nothing_to_retry"
     assert "nothing to retry" in response.json()["detail"]
     assert world.row(row.id).state == State.QUARANTINED
 
@@ -273,6 +274,7 @@ def test_retry_of_a_forwarded_upload_is_409(world: World) -> None:
     row = world.insert("hospital-a", State.FORWARDED, with_file=False)
     response = _retry(world, row)
     assert response.status_code == 409
+    assert response.json()["error"] == "wrong_state"
     assert "forwarded" in response.json()["detail"]
 
 
@@ -282,6 +284,7 @@ def test_retry_of_a_row_being_forwarded_is_409(world: World) -> None:
     )
     response = _retry(world, row)
     assert response.status_code == 409
+    assert response.json()["error"] == "being_forwarded"
     assert "being forwarded" in response.json()["detail"]
 
 
@@ -359,6 +362,7 @@ def test_discarding_twice_is_409(world: World) -> None:
     assert _discard(world, row).status_code == 200
     response = _discard(world, row)
     assert response.status_code == 409
+    assert response.json()["error"] == "wrong_state"
     assert "discarded" in response.json()["detail"]
 
 
@@ -377,6 +381,7 @@ def test_discard_of_a_row_being_forwarded_is_409(world: World) -> None:
     )
     response = _discard(world, row)
     assert response.status_code == 409
+    assert response.json()["error"] == "being_forwarded"
     assert "being forwarded, try again" in response.json()["detail"]
     assert world.file("queue", row).is_file()
 
@@ -438,6 +443,7 @@ def test_retry_of_a_conflict_is_409(
     with intake.admin_client(admin) as client:
         response = client.post(f"/api/uploads/{collision.second_id}/retry")
     assert response.status_code == 409
+    assert response.json()["error"] == "conflict_not_retryable"
     assert "Orthanc" in response.json()["detail"]
     assert "ignore" in response.json()["detail"]
 
