@@ -1,9 +1,312 @@
-"""Admin routes: records (being written)."""
+"""Admin routes for what arrived: the intake log (JSON and CSV), studies, daily stats."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import asyncio
+import csv
+import io
+from collections.abc import Callable, Iterator
+from datetime import UTC, date, datetime, timedelta
+from typing import Annotated, TypeVar
 
-from app.api.admin.deps import ERROR_RESPONSES
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+from sqlalchemy.orm import Session
 
-router = APIRouter(prefix="/api", responses=ERROR_RESPONSES)
+from app import records, stats, studies
+from app.api.admin.deps import ERROR_RESPONSES, AdminDep, ErrorBody, ServiceDep
+from app.errors import NotFound
+from app.models import State
+from app.service import Service
+
+router = APIRouter(
+    prefix="/api",
+    responses={**ERROR_RESPONSES, 400: {"model": ErrorBody}, 404: {"model": ErrorBody}},
+)
+T = TypeVar("T")
+CSV_MAX_ROWS = 1_000_000
+DEFAULT_QUIET_SECONDS = 300.0
+
+Since = Annotated[
+    datetime | None, Query(description="ISO 8601, inclusive; without an offset it is UTC")
+]
+Until = Annotated[
+    datetime | None, Query(description="ISO 8601, exclusive; without an offset it is UTC")
+]
+
+
+class UploadOut(BaseModel):
+    """One intake record: what arrived, from whom, and what became of it."""
+
+    id: int
+    receipt: str
+    site: str
+    remote_addr: str | None
+    received_at: datetime
+    byte_size: int
+    sha256: str | None
+    sop_class_uid: str | None
+    sop_instance_uid: str | None
+    series_instance_uid: str | None
+    study_instance_uid: str | None
+    patient_id: str | None
+    transfer_syntax_uid: str | None
+    modality: str | None
+    orthanc_instance_id: str | None
+    orthanc_series_id: str | None
+    orthanc_study_id: str | None
+    orthanc_patient_id: str | None
+    state: State
+    reason: str | None
+    detail: str | None
+    orthanc_status: str | None
+    attempts: int
+    failed_answers: int = Field(description="Error answers from Orthanc among the attempts")
+    next_attempt_at: datetime | None
+    forwarded_at: datetime | None
+    discarded_at: datetime | None
+    duplicate_of_id: int | None
+
+
+class UploadPage(BaseModel):
+    items: list[UploadOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null: end")
+
+
+class StudyOut(BaseModel):
+    site: str
+    study_instance_uid: str
+    orthanc_study_id: str | None
+    patient_id: str | None
+    instances: int = Field(description="Distinct SOP Instance UIDs among non-rejected uploads")
+    series: int
+    bytes: int = Field(description="Bytes of every upload of the study, as received")
+    first_received: datetime
+    last_received: datetime
+    states: dict[str, int] = Field(description="Uploads by state")
+    quiet: bool = Field(description="No new instance for INTAKE_STUDY_QUIET_SECONDS")
+
+
+class StudyPage(BaseModel):
+    items: list[StudyOut]
+    next_cursor: str | None
+
+
+class SeriesOut(BaseModel):
+    series_instance_uid: str
+    instances: int
+    bytes: int
+    last_received: datetime
+
+
+class StudyDetail(StudyOut):
+    series_list: list[SeriesOut]
+    uploads: UploadPage = Field(description="The newest uploads; continue with /api/uploads")
+
+
+class DayOut(BaseModel):
+    day: date
+    uploads: int
+    bytes: int
+    accepted: int
+    rejected: int
+    rejections: dict[str, int] = Field(description="Rejected uploads by reason")
+    forwarded: int
+    latency_ms: dict[str, float] | None = Field(
+        description="p50/p90/p99 of forwarded_at - received_at for the day's forwarded uploads"
+    )
+
+
+class SiteStatsOut(BaseModel):
+    site: str
+    queue_depth: int = Field(description="Queued now")
+    quarantined: int = Field(description="Quarantined now")
+    days: list[DayOut]
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _quiet_seconds(service: Service) -> float:
+    return float(getattr(service.settings, "study_quiet_seconds", DEFAULT_QUIET_SECONDS))
+
+
+async def _call(service: Service, action: Callable[[Session], T]) -> T:
+    def run() -> T:
+        with service.sessions() as session:
+            return action(session)
+
+    return await asyncio.to_thread(run)
+
+
+def _upload_filters(
+    site: str | None = None,
+    state: Annotated[list[State] | None, Query(description="Repeatable")] = None,
+    received_from: Since = None,
+    received_to: Until = None,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    sop_uid: str | None = None,
+    patient_id: str | None = None,
+    orthanc_id: Annotated[
+        str | None, Query(description="An Orthanc instance, series, study or patient ID")
+    ] = None,
+    remote_addr: str | None = None,
+    reason: str | None = None,
+) -> records.Filters:
+    return records.Filters(
+        site=site,
+        states=tuple(state or ()),
+        received_from=_utc(received_from),
+        received_to=_utc(received_to),
+        study_uid=study_uid,
+        series_uid=series_uid,
+        sop_uid=sop_uid,
+        patient_id=patient_id,
+        orthanc_id=orthanc_id,
+        remote_addr=remote_addr,
+        reason=reason,
+    )
+
+
+UploadFilters = Annotated[records.Filters, Depends(_upload_filters)]
+
+
+def _page(page: records.Page) -> UploadPage:
+    return UploadPage(
+        items=[UploadOut.model_validate(r, from_attributes=True) for r in page.items],
+        next_cursor=page.next_cursor,
+    )
+
+
+@router.get("/uploads", tags=["uploads"])
+async def list_uploads(
+    _: AdminDep,
+    service: ServiceDep,
+    filters: UploadFilters,
+    limit: Annotated[int, Query(ge=1, le=records.MAX_LIMIT)] = 100,
+    cursor: str | None = None,
+) -> UploadPage:
+    """The intake log, newest first, with keyset pagination stable under new arrivals."""
+    return _page(await _call(service, lambda s: records.search(s, filters, limit, cursor)))
+
+
+@router.get(
+    "/uploads.csv",
+    tags=["uploads"],
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/csv": {}}, "description": "A header row, then records"}},
+)
+async def export_uploads(
+    _: AdminDep, service: ServiceDep, filters: UploadFilters
+) -> StreamingResponse:
+    """The filtered log as CSV, newest first, streamed in batches; at most 1,000,000 rows
+    (narrow ``received_from``/``received_to`` to export more, range by range)."""
+
+    def lines() -> Iterator[str]:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\r\n")
+        writer.writerow(records.FIELDS)
+        for batch in records.export(service.sessions, filters, CSV_MAX_ROWS):
+            writer.writerows(_csv_row(r) for r in batch)
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+        yield buffer.getvalue()
+
+    # A plain iterator: Starlette runs it in a worker thread, off the event loop.
+    return StreamingResponse(
+        lines(),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": 'attachment; filename="uploads.csv"'},
+    )
+
+
+def _csv_row(record: records.Record) -> list[object]:
+    values = [getattr(record, name) for name in records.FIELDS]
+    return [v.isoformat() if isinstance(v, datetime) else ("" if v is None else v) for v in values]
+
+
+@router.get("/uploads/{upload_id}", tags=["uploads"])
+async def show_upload(upload_id: int, _: AdminDep, service: ServiceDep) -> UploadOut:
+    """One intake record in full."""
+    found = await _call(service, lambda s: records.show(s, upload_id))
+    if found is None:
+        raise NotFound(f"no upload #{upload_id}")
+    return UploadOut.model_validate(found, from_attributes=True)
+
+
+def _study(study: studies.Study) -> StudyOut:
+    return StudyOut.model_validate(study, from_attributes=True)
+
+
+@router.get("/studies", tags=["studies"])
+async def list_studies(
+    _: AdminDep,
+    service: ServiceDep,
+    site: str | None = None,
+    received_from: Since = None,
+    received_to: Until = None,
+    study_uid: str | None = None,
+    patient_id: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=studies.MAX_LIMIT)] = 50,
+    cursor: str | None = None,
+) -> StudyPage:
+    """One row per (site, Study Instance UID), the most recently added-to first.
+
+    ``received_from``/``received_to`` bound ``last_received``. A study that receives a
+    new instance during a walk moves to the top and is not repeated further down."""
+    filters = studies.StudyFilters(
+        site, _utc(received_from), _utc(received_to), study_uid, patient_id
+    )
+    quiet = _quiet_seconds(service)
+    page = await _call(service, lambda s: studies.latest(s, filters, quiet, limit, cursor))
+    return StudyPage(items=[_study(s) for s in page.items], next_cursor=page.next_cursor)
+
+
+@router.get("/studies/{site}/{study_uid}", tags=["studies"])
+async def show_study(site: str, study_uid: str, _: AdminDep, service: ServiceDep) -> StudyDetail:
+    """One study: its aggregate, its series and its newest uploads."""
+    quiet = _quiet_seconds(service)
+
+    def run(
+        session: Session,
+    ) -> tuple[tuple[studies.Study, list[studies.Series]] | None, records.Page]:
+        found = studies.show(session, site, study_uid, quiet)
+        if found is None:
+            return None, records.Page([], None)
+        return found, records.search(session, records.Filters(site=site, study_uid=study_uid))
+
+    found, uploads = await _call(service, run)
+    if found is None:
+        raise NotFound(f"no study {study_uid} from site {site}")
+    study, series = found
+    return StudyDetail(
+        **_study(study).model_dump(),
+        series_list=[SeriesOut.model_validate(s, from_attributes=True) for s in series],
+        uploads=_page(uploads),
+    )
+
+
+@router.get("/stats/daily", tags=["stats"])
+async def daily_stats(
+    _: AdminDep,
+    service: ServiceDep,
+    site: str | None = None,
+    first: Annotated[
+        date | None, Query(alias="from", description="UTC day; default: 6 days ago")
+    ] = None,
+    last: Annotated[
+        date | None, Query(alias="to", description="UTC day, inclusive; default: today")
+    ] = None,
+) -> list[SiteStatsOut]:
+    """Per site and UTC day (at most 92 days): uploads, bytes, rejections by reason,
+    forward latency percentiles; with each site's queue depth and quarantine now."""
+    last = last or datetime.now(UTC).date()
+    first = first or last - timedelta(days=6)
+    result = await _call(service, lambda s: stats.daily(s, site, first, last))
+    return [SiteStatsOut.model_validate(r, from_attributes=True) for r in result]
