@@ -14,6 +14,7 @@ listener puts in its Orthanc-shaped JSON. Nothing here imports FastAPI.
     │   ├── ContentNotAllowed         modality / SOP Class outside the site's allow-list
     │   └── AdminForbidden            client address outside the admin allow-list
     ├── BadRequest .................. 400  (admin: an operation that cannot be done as asked)
+    │   └── InvalidCursor             a pagination cursor the API did not hand out
     ├── NotFound .................... 404  (no such route, or no such record)
     ├── MethodNotAllowed ............ 405
     ├── Conflict .................... 409  (admin: that change does not fit the record's state)
@@ -114,6 +115,12 @@ class BadRequest(IntakeError):
     orthanc_status = 8
     message = "Bad request"
     reason = "bad_request"
+
+
+class InvalidCursor(BadRequest):
+    """A pagination cursor this API did not hand out (or one that was altered)."""
+
+    reason = "invalid_cursor"
 
 
 class NotFound(IntakeError):

@@ -240,16 +240,16 @@ class Upload(Base):
 
     sop_class_uid: Mapped[str | None] = mapped_column(String(64))
     sop_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
-    series_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    series_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
     study_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
     patient_id: Mapped[str | None] = mapped_column(String(256))
     transfer_syntax_uid: Mapped[str | None] = mapped_column(String(64))
     modality: Mapped[str | None] = mapped_column(String(16))
 
     orthanc_instance_id: Mapped[str | None] = mapped_column(String(44), index=True)
-    orthanc_series_id: Mapped[str | None] = mapped_column(String(44))
-    orthanc_study_id: Mapped[str | None] = mapped_column(String(44))
-    orthanc_patient_id: Mapped[str | None] = mapped_column(String(44))
+    orthanc_series_id: Mapped[str | None] = mapped_column(String(44), index=True)
+    orthanc_study_id: Mapped[str | None] = mapped_column(String(44), index=True)
+    orthanc_patient_id: Mapped[str | None] = mapped_column(String(44), index=True)
 
     state: Mapped[State] = mapped_column(String(16), default=State.RECEIVED)
     reason: Mapped[str | None] = mapped_column(String(64))

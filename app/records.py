@@ -19,17 +19,11 @@ from typing import Any
 from sqlalchemy import ColumnElement, Select, literal, or_, select, tuple_
 from sqlalchemy.orm import Session
 
-from app.errors import BadRequest
+from app.errors import BadRequest, InvalidCursor
 from app.models import Site, State, Upload, UtcDateTime
 
 MAX_LIMIT = 1000
 EXPORT_BATCH = 2000
-
-
-class InvalidCursor(BadRequest):
-    """A cursor this API did not hand out (or one that was altered)."""
-
-    reason = "invalid_cursor"
 
 
 @dataclass(frozen=True)

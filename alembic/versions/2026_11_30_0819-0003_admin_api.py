@@ -75,6 +75,10 @@ def upgrade() -> None:
         batch_op.create_index('ix_uploads_received', ['received_at', 'id'], unique=False)
         batch_op.create_index('ix_uploads_site_study', ['site_id', 'study_instance_uid'], unique=False)
         batch_op.create_index('ix_uploads_state_received', ['state', 'received_at'], unique=False)
+        # The admin log's filters by Series UID and by Orthanc series/study/patient ID.
+        for column in ('series_instance_uid', 'orthanc_series_id', 'orthanc_study_id',
+                       'orthanc_patient_id'):
+            batch_op.create_index(op.f(f'ix_uploads_{column}'), [column], unique=False)
 
 
 
@@ -82,6 +86,9 @@ def downgrade() -> None:
     # The older schema has no "discarded" state: such rows go back to quarantine.
     op.execute("UPDATE uploads SET state = 'quarantined' WHERE state = 'discarded'")
     with op.batch_alter_table('uploads', schema=None) as batch_op:
+        for column in ('series_instance_uid', 'orthanc_series_id', 'orthanc_study_id',
+                       'orthanc_patient_id'):
+            batch_op.drop_index(op.f(f'ix_uploads_{column}'))
         batch_op.drop_index('ix_uploads_state_received')
         batch_op.drop_index('ix_uploads_site_study')
         batch_op.drop_index('ix_uploads_received')

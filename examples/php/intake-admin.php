@@ -26,8 +26,12 @@ try {
         case 'study':
             $s = $api->study($argv[2], $argv[3]);
             printf("study %s of %s: %d instances in %d series, %d forwarded, %d queued, %d quarantined, quiet: %s\n",
-                $s['study_instance_uid'], $s['site'], $s['instances'], $s['series_count'],
-                $s['forwarded'], $s['queued'], $s['quarantined'], $s['quiet'] ? 'yes' : 'no');
+                $s['study_instance_uid'], $s['site'], $s['instances'], $s['series'],
+                $s['states']['forwarded'] ?? 0, $s['states']['queued'] ?? 0,
+                $s['states']['quarantined'] ?? 0, $s['quiet'] ? 'yes' : 'no');
+            foreach ($s['series_list'] as $series) {
+                printf("  series %s: %d instances\n", $series['series_instance_uid'], $series['instances']);
+            }
             break;
         case 'quarantine':
             foreach ($api->quarantined() as $u) {

@@ -25,7 +25,7 @@ T = TypeVar("T")
 _CHUNK = 1024 * 1024
 
 
-class UploadOut(BaseModel):
+class QueueItemOut(BaseModel):
     id: int
     receipt: str
     site: str
@@ -47,7 +47,7 @@ class UploadOut(BaseModel):
 
 
 class UploadPage(BaseModel):
-    items: list[UploadOut]
+    items: list[QueueItemOut]
     next_cursor: int | None = Field(description="Pass as `cursor` for the next page")
 
 
@@ -60,7 +60,7 @@ class CounterpartOut(BaseModel):
 
 
 class ConflictOut(BaseModel):
-    upload: UploadOut
+    upload: QueueItemOut
     conflicts_with: CounterpartOut | None = Field(
         description="The forwarded or queued upload with the same SOP Instance UID; null "
         "when Orthanc's copy came from elsewhere"
@@ -92,8 +92,8 @@ async def _call(service: Service, action: Callable[[Backlog], T]) -> T:
     return await asyncio.to_thread(action, Backlog(service.sessions, service.spool))
 
 
-def _upload(item: Item) -> UploadOut:
-    return UploadOut.model_validate(item, from_attributes=True)
+def _upload(item: Item) -> QueueItemOut:
+    return QueueItemOut.model_validate(item, from_attributes=True)
 
 
 def _conflict(item: ConflictItem) -> ConflictOut:
@@ -131,7 +131,7 @@ async def list_queue(
 
 
 @router.post("/uploads/{upload_id}/retry")
-async def retry_upload(upload_id: int, admin: AdminDep, service: ServiceDep) -> UploadOut:
+async def retry_upload(upload_id: int, admin: AdminDep, service: ServiceDep) -> QueueItemOut:
     """Put a quarantined upload back in the queue (attempts reset), or make a queued one due.
 
     Conflicts (reason `conflict`) are refused with 409: Orthanc already holds that SOP
@@ -164,7 +164,7 @@ async def retry_site(name: str, admin: AdminDep, service: ServiceDep) -> RetryCo
 @router.post("/uploads/{upload_id}/discard")
 async def discard_upload(
     upload_id: int, body: DiscardIn, admin: AdminDep, service: ServiceDep
-) -> UploadOut:
+) -> QueueItemOut:
     """Give up on a queued or quarantined upload, with a reason; then its file is removed.
 
     Discarding a conflict resolves it in favour of the copy Orthanc holds.
