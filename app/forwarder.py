@@ -28,6 +28,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.errors import ForwardError, OrthancRefused
+from app.metrics import Metrics
 from app.models import State, Upload, utcnow
 from app.orthanc import OrthancClient
 from app.settings import Settings
@@ -66,8 +67,10 @@ class Forwarder:
         sessions: sessionmaker[Session],
         spool: Spool,
         orthanc: OrthancClient,
+        metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
+        self._metrics = metrics or Metrics()
         self._sessions = sessions
         self._spool = spool
         self._orthanc = orthanc
@@ -245,8 +248,10 @@ class Forwarder:
             row.attempts = claim.attempts + 1
             row.next_attempt_at = None
             row.reason = row.detail = None
+            site_id, received_at = row.site_id, row.received_at
         # Orthanc has it and the row says so: the spool copy has done its job.
         self._spool.discard(self._spool.path(QUEUE, claim.spool_name))
+        self._metrics.record_forwarded(site_id, received_at, utcnow())
 
     def _quarantine(self, claim: _Claim, reason: str, detail: str) -> None:
         with self._owned(claim) as (_, row):
@@ -260,6 +265,8 @@ class Forwarder:
             row.detail = detail
             row.attempts = claim.attempts + 1
             row.next_attempt_at = None
+            site_id = row.site_id
+        self._metrics.record_quarantine(site_id, reason)
         log.warning("quarantined receipt=%s reason=%s detail=%s", claim.receipt, reason, detail)
 
     def _retry_later(self, claim: _Claim, error: ForwardError) -> None:
@@ -281,6 +288,8 @@ class Forwarder:
             row.reason = "orthanc_unavailable"
             row.detail = error.detail
             row.next_attempt_at = utcnow() + timedelta(seconds=delay)
+            site_id = row.site_id
+        self._metrics.record_retry(site_id, "error_answer" if error.answered else "unreachable")
         if not error.answered and self._orthanc_down_logged:
             return
         self._orthanc_down_logged = not error.answered
@@ -295,6 +304,7 @@ class Forwarder:
         """At start-up: drop half-received files and orphans; flag rows that lost their file."""
         now = time.time()
         grace = self._settings.orphan_grace_seconds
+        lost: list[int] = []
         for leftover in (self._spool.root / "tmp").glob("*.part"):
             if now - leftover.stat().st_mtime >= grace:
                 self._spool.discard(leftover)
@@ -314,5 +324,8 @@ class Forwarder:
                     row.state = State.QUARANTINED
                     row.reason = "spool_file_missing"
                     row.detail = f"the spool file {row.spool_name} was missing at start-up"
+                    lost.append(row.site_id)
                     log.error("receipt=%s lost its spool file; quarantined", row.receipt)
             session.commit()
+        for site_id in lost:
+            self._metrics.record_quarantine(site_id, "spool_file_missing")

@@ -32,6 +32,7 @@ from app.errors import (
     ServiceUnavailable,
     TooManyRequests,
 )
+from app.metrics import Metrics
 from app.models import State, Upload, utcnow
 from app.settings import Settings
 from app.sites import AuthenticatedSite
@@ -71,6 +72,7 @@ class Intake:
         spool: Spool,
         validator: Validator,
         on_queued: Callable[[], None] = lambda: None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._admission = usage.Admission(sessions, settings.upload_slot_ttl_seconds)
         self._settings = settings
@@ -78,6 +80,7 @@ class Intake:
         self._spool = spool
         self._validator = validator
         self._on_queued = on_queued
+        self._metrics = metrics or Metrics()
 
     async def receive(
         self,
@@ -88,13 +91,20 @@ class Intake:
         declared_bytes: int | None = None,
     ) -> Receipt:
         """Take one upload through the pipeline; an IntakeError says why it was refused."""
+        started = time.perf_counter()
         max_bytes = site.policy.max_bytes(self._settings.max_instance_bytes)
-        if declared_bytes is not None and declared_bytes > max_bytes:
-            raise InstanceTooLarge(
-                f"Content-Length {declared_bytes} is over the limit of {max_bytes} bytes"
-            )
-        async with self._admission.admit(site, declared_bytes):
-            return await self._receive(site, remote_addr, body, content_encoding, max_bytes)
+        try:
+            if declared_bytes is not None and declared_bytes > max_bytes:
+                raise InstanceTooLarge(
+                    f"Content-Length {declared_bytes} is over the limit of {max_bytes} bytes"
+                )
+            async with self._admission.admit(site, declared_bytes):
+                result = await self._receive(site, remote_addr, body, content_encoding, max_bytes)
+        except IntakeError as exc:
+            self._metrics.record_refusal(site.name, exc.reason, time.perf_counter() - started)
+            raise
+        self._metrics.record_upload(site.name, result.state, time.perf_counter() - started)
+        return result
 
     async def _receive(
         self,
@@ -114,6 +124,7 @@ class Intake:
                 content_encoding=content_encoding,
                 idle_timeout=self._settings.body_idle_timeout_seconds,
             )
+            self._metrics.record_bytes(site.name, received.byte_size)
             if received.executable_preamble is not None:
                 self._spool.keep(received.path, REFUSED, f"{ctx.receipt}.bin")
                 log.warning(

@@ -20,11 +20,13 @@ from app.db import make_engine, make_sessionmaker
 from app.errors import ForwardError
 from app.forwarder import Forwarder
 from app.intake import Intake
+from app.metrics import Metrics
 from app.models import utcnow
 from app.orthanc import OrthancClient
 from app.settings import Settings
 from app.spool import Spool
 from app.validation import Validator
+from app.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +53,19 @@ class Service:
             settings.auth_cache_seconds,
         )
         self.orthanc = OrthancClient(settings)
-        self.forwarder = Forwarder(settings, self.sessions, self.spool, self.orthanc)
-        self.intake = Intake(
-            settings, self.sessions, self.spool, self.validator, self.forwarder.notify
+        self.metrics = Metrics(self.sessions)
+        self.forwarder = Forwarder(
+            settings, self.sessions, self.spool, self.orthanc, metrics=self.metrics
         )
+        self.intake = Intake(
+            settings,
+            self.sessions,
+            self.spool,
+            self.validator,
+            self.forwarder.notify,
+            metrics=self.metrics,
+        )
+        self.webhooks = Webhooks(settings, self.sessions)
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -68,6 +79,8 @@ class Service:
         self._tasks.append(asyncio.create_task(self._report_orthanc(), name="orthanc-check"))
         self._tasks.append(asyncio.create_task(self.forwarder.run(), name="forwarder"))
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        if self.settings.webhook_urls:
+            self._tasks.append(asyncio.create_task(self.webhooks.run(), name="webhooks"))
 
     async def _housekeeping(self) -> None:
         """Hourly: forget old usage windows and long-expired upload slots."""
@@ -105,6 +118,7 @@ class Service:
                 await task
         self._tasks.clear()
         await self.orthanc.aclose()
+        await self.webhooks.aclose()
         await asyncio.to_thread(self.validator.close)
         self.engine.dispose()
 

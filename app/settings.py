@@ -6,7 +6,7 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -75,14 +75,45 @@ class Settings(BaseSettings):
     admin_allowed_cidrs: Annotated[list[str], NoDecode] = Field(default_factory=list)
     admin_password_cache_seconds: float = Field(default=60.0, ge=0)
 
+    # Study-arrived webhooks (app/webhooks.py).
+    # A study is "quiet" when no instance of it arrived for this long.
+    study_quiet_seconds: float = Field(default=300.0, gt=0)
+    # Comma-separated http(s) URLs that get a signed POST per quiet, settled study.
+    webhook_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    webhook_secret: SecretStr | None = None  # HMAC-SHA256 key; required with webhook_urls
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    webhook_max_attempts: int = Field(default=10, ge=1)
+    webhook_retry_base_seconds: float = Field(default=5.0, gt=0)
+    webhook_retry_max_seconds: float = Field(default=3600.0, gt=0)
+    webhook_poll_seconds: float = Field(default=5.0, gt=0)
+
     log_level: str = "INFO"
 
-    @field_validator("trusted_proxies", "admin_allowed_cidrs", mode="before")
+    @field_validator("trusted_proxies", "admin_allowed_cidrs", "webhook_urls", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("webhook_urls")
+    @classmethod
+    def _http_urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError("webhook URLs must start with http:// or https://")
+        return value
+
+    @model_validator(mode="after")
+    def _webhooks_are_signed(self) -> Settings:
+        if self.webhook_urls and not (
+            self.webhook_secret and len(self.webhook_secret.get_secret_value()) >= 16
+        ):
+            raise ValueError(
+                "INTAKE_WEBHOOK_URLS needs INTAKE_WEBHOOK_SECRET (16 characters or more): "
+                "receivers check the signature"
+            )
+        return self
 
     @field_validator("trusted_proxies", "admin_allowed_cidrs")
     @classmethod

@@ -39,7 +39,9 @@ def _state(intake: IntakeProcess, upload_id: int) -> State:
     engine = create_engine(intake.database_url)
     try:
         with engine.connect() as conn:
-            return State(conn.scalar(select(Upload.state).where(Upload.id == upload_id)))
+            return State(
+                conn.execute(select(Upload.state).where(Upload.id == upload_id)).scalar_one()
+            )
     finally:
         engine.dispose()
 
