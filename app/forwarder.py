@@ -300,6 +300,24 @@ class Forwarder:
             delay,
         )
 
+    def _lease_is_dead(self, lease: str) -> bool:
+        """A lease taken on this host by a process that no longer runs (or by our own pid,
+        reused after a restart: this process has claimed nothing yet)."""
+        owner = lease.split("/", 1)[0]
+        host, _, pid_text = owner.rpartition(":")
+        if host != self.owner.rpartition(":")[0] or not pid_text.isdigit():
+            return False
+        pid = int(pid_text)
+        if pid == os.getpid():
+            return True
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
     def recover(self) -> None:
         """At start-up: drop half-received files and orphans; flag rows that lost their file."""
         now = time.time()
@@ -320,6 +338,10 @@ class Forwarder:
                     log.warning("removing spool file %s: no queued upload needs it", file.name)
                     self._spool.discard(file)
             for row in session.scalars(select(Upload).where(Upload.state == State.QUEUED)):
+                if row.lease_owner and self._lease_is_dead(row.lease_owner):
+                    # Claimed by an earlier process on this host that died (SIGKILL,
+                    # crash): no need to wait for the lease to run out.
+                    row.lease_owner = row.lease_until = None
                 if not self._spool.path(QUEUE, row.spool_name or "").is_file():
                     row.state = State.QUARANTINED
                     row.reason = "spool_file_missing"

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import inspect
 import os
+import subprocess
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -652,3 +653,27 @@ def test_a_long_delivery_renews_its_lease(world: World) -> None:
     _step(forwarder)
     assert rival_claims == [None, None, None, None]
     assert world.row(upload.id).state == State.FORWARDED
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has just exited."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_recover_releases_leases_of_dead_processes_on_this_host(world: World) -> None:
+    """After a SIGKILL, a restarted intake need not wait out the dead process's lease."""
+    dead = world.queue()
+    alive = world.queue()
+    forwarder = world.forwarder()
+    host = forwarder.owner.rpartition(":")[0]
+    later = utcnow() + timedelta(seconds=300)
+    world.set(dead.id, lease_owner=f"{host}:{_dead_pid()}/abc", lease_until=later)
+    world.set(alive.id, lease_owner=f"{host}:{os.getppid()}/abc", lease_until=later)
+    forwarder.recover()
+    assert world.row(dead.id).lease_owner is None
+    assert world.row(alive.id).lease_owner is not None
+    claim = forwarder._claim()
+    assert claim is not None
+    assert claim.id == dead.id
