@@ -117,6 +117,7 @@ class Intake:
         started = time.perf_counter()
         ctx = _Context(site, remote_addr, uuid.uuid4().hex, utcnow())
         received: Received | None = None
+        parsed: dicom.Summary | None = None  # known once validation passed
         try:
             received = await self._spool.receive(
                 body,
@@ -140,13 +141,14 @@ class Intake:
                     f"({received.executable_preamble}); such files are refused (CVE-2019-11687)"
                 )
             summary = await self._validator.validate(received.path)
+            parsed = summary
             site.policy.check_content(site.name, summary)
             result = await asyncio.to_thread(self._persist, ctx, received, summary)
         except IntakeError as exc:
             if received is not None:
                 self._spool.discard(received.path)
             if not isinstance(exc, ServiceUnavailable | TooManyRequests):
-                await asyncio.to_thread(self._record_rejection, ctx, received, exc)
+                await asyncio.to_thread(self._record_rejection, ctx, received, exc, parsed)
             log.info(
                 "upload refused site=%s receipt=%s reason=%s detail=%s",
                 site.name,
@@ -264,12 +266,29 @@ class Intake:
         )
 
     def _record_rejection(
-        self, ctx: _Context, received: Received | None, error: IntakeError
+        self,
+        ctx: _Context,
+        received: Received | None,
+        error: IntakeError,
+        summary: dicom.Summary | None = None,
     ) -> None:
+        """A `rejected` row; with the file's UIDs when it was refused after validation."""
+        uids: dict[str, str | None] = {}
+        if summary is not None:
+            uids = {
+                "sop_class_uid": summary.sop_class_uid,
+                "sop_instance_uid": summary.sop_instance_uid,
+                "series_instance_uid": summary.series_instance_uid,
+                "study_instance_uid": summary.study_instance_uid,
+                "patient_id": summary.patient_id,
+                "transfer_syntax_uid": summary.transfer_syntax_uid,
+                "modality": summary.modality,
+            }
         try:
             with self._sessions() as session:
                 session.add(
                     Upload(
+                        **uids,
                         receipt=ctx.receipt,
                         site_id=ctx.site.site_id,
                         remote_addr=ctx.remote_addr,

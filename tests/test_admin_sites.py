@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+
 import httpx
+import pydicom
 
 from tests.support.intake import Admin, IntakeProcess, Site, wait_until
 from tests.support.studies import make_study
@@ -44,9 +47,14 @@ def test_policy_disable_delete_and_errors(intake: IntakeProcess, admin: Admin, s
             json={"allowed_modalities": ["mr"], "instances_per_minute": 50},
         ).json()["policy"]
         assert policy["allowed_modalities"] == ["MR"]
-        refused = intake.upload(site, make_study(1, 1)[0])
+        ct = make_study(1, 1)[0]
+        refused = intake.upload(site, ct)
         assert refused.status_code == 403
         assert "CT" in refused.json()["Details"]
+        # Refused after validation: the log keeps the file's UIDs with the reason.
+        study_uid = str(pydicom.dcmread(io.BytesIO(ct)).StudyInstanceUID)
+        logged = api.get("/api/uploads", params={"study_uid": study_uid}).json()["items"]
+        assert [(u["state"], u["reason"]) for u in logged] == [("rejected", "content_not_allowed")]
         cleared = api.patch(
             f"/api/sites/{site.name}/policy", json={"allowed_modalities": None}
         ).json()["policy"]
