@@ -10,6 +10,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 15_000
+READ_ONLY = "intake_read_only"
 
 
 def make_engine(url: str) -> Engine:
@@ -39,7 +40,12 @@ def make_engine(url: str) -> Engine:
         cursor.close()
 
     @event.listens_for(engine, "begin")
-    def _begin_immediate(connection: Any) -> None:
+    def _begin(connection: Any) -> None:
+        if connection.get_execution_options().get(READ_ONLY):
+            # Readers (the admin API's queries) never write: WAL lets them run beside
+            # the writers, so they must not take the write lock.
+            connection.exec_driver_sql("BEGIN")
+            return
         # Take the write lock up front: a deferred transaction that later writes can
         # fail with SQLITE_BUSY without waiting for busy_timeout.
         connection.exec_driver_sql("BEGIN IMMEDIATE")
@@ -49,3 +55,8 @@ def make_engine(url: str) -> Engine:
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def make_read_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    """Sessions for queries only: on SQLite they do not take the write lock."""
+    return sessionmaker(engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)

@@ -16,7 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from app import dicom, usage
 from app.access import Access
 from app.admins import AdminAccess
-from app.db import make_engine, make_sessionmaker
+from app.db import make_engine, make_read_sessionmaker, make_sessionmaker
 from app.errors import ForwardError
 from app.forwarder import Forwarder
 from app.intake import Intake
@@ -36,6 +36,7 @@ class Service:
         self.settings = settings
         self.engine = make_engine(settings.database_url)
         self.sessions = make_sessionmaker(self.engine)
+        self.readers = make_read_sessionmaker(self.engine)  # queries that never write
         self.spool = Spool(settings.spool_dir, settings.spool_min_free_bytes)
         self.validator = Validator(
             dicom.Limits(
@@ -53,7 +54,7 @@ class Service:
             settings.auth_cache_seconds,
         )
         self.orthanc = OrthancClient(settings)
-        self.metrics = Metrics(self.sessions)
+        self.metrics = Metrics(self.readers)
         self.forwarder = Forwarder(
             settings, self.sessions, self.spool, self.orthanc, metrics=self.metrics
         )

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine, inspect, select, text
+from sqlalchemy import create_engine, func, inspect, select, text
 from sqlalchemy.orm import Session
 
 from alembic import command
+from app.db import make_engine, make_read_sessionmaker, make_sessionmaker
 from app.migrations import alembic_config, upgrade
 from app.models import Base, Site
 
@@ -56,5 +59,23 @@ def test_upgrade_from_0001_keeps_sites_and_gives_them_an_open_policy(database_ur
                 [],
             )
             assert site.instances_per_minute is None
+    finally:
+        engine.dispose()
+
+
+def test_sqlite_readers_do_not_wait_for_a_writer(tmp_path: Path) -> None:
+    """Admin queries run beside an upload's open write transaction (WAL, deferred BEGIN)."""
+    url = f"sqlite:///{tmp_path / 'rw.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    try:
+        writer = make_sessionmaker(engine)()
+        writer.execute(text("DELETE FROM sites"))  # holds SQLite's write lock from here on
+        started = time.monotonic()
+        with make_read_sessionmaker(engine)() as reader:
+            assert reader.scalar(select(func.count()).select_from(Site)) == 0
+        assert time.monotonic() - started < 1.0  # a writer would wait 15 s (busy_timeout)
+        writer.rollback()
+        writer.close()
     finally:
         engine.dispose()

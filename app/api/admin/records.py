@@ -26,7 +26,6 @@ router = APIRouter(
 )
 T = TypeVar("T")
 CSV_MAX_ROWS = 1_000_000
-DEFAULT_QUIET_SECONDS = 300.0
 
 Since = Annotated[
     datetime | None, Query(description="ISO 8601, inclusive; without an offset it is UTC")
@@ -132,12 +131,12 @@ def _utc(value: datetime | None) -> datetime | None:
 
 
 def _quiet_seconds(service: Service) -> float:
-    return float(getattr(service.settings, "study_quiet_seconds", DEFAULT_QUIET_SECONDS))
+    return service.settings.study_quiet_seconds
 
 
 async def _call(service: Service, action: Callable[[Session], T]) -> T:
     def run() -> T:
-        with service.sessions() as session:
+        with service.readers() as session:
             return action(session)
 
     return await asyncio.to_thread(run)
@@ -211,7 +210,7 @@ async def export_uploads(
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\r\n")
         writer.writerow(records.FIELDS)
-        for batch in records.export(service.sessions, filters, CSV_MAX_ROWS):
+        for batch in records.export(service.readers, filters, CSV_MAX_ROWS):
             writer.writerows(_csv_row(r) for r in batch)
             yield buffer.getvalue()
             buffer.seek(0)

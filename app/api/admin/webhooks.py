@@ -52,7 +52,7 @@ async def list_deliveries(
     """Newest first. Each study that went quiet and settled makes one delivery per URL."""
 
     def run() -> list[webhooks.DeliveryView]:
-        with service.sessions() as session:
+        with service.readers() as session:
             return webhooks.list_deliveries(
                 session, state=state, site=site, limit=limit, before=before
             )
@@ -63,7 +63,7 @@ async def list_deliveries(
 @router.get("/deliveries/{delivery_id}")
 async def show_delivery(delivery_id: int, _: AdminDep, service: ServiceDep) -> DeliveryOut:
     def run() -> webhooks.DeliveryView:
-        with service.sessions() as session:
+        with service.readers() as session:
             return webhooks.show(session, delivery_id)
 
     return _out(await asyncio.to_thread(run))
