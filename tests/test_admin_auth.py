@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import httpx
 
 from tests.support.intake import Admin, IntakeProcess, wait_until
+from tests.support.orthanc import OrthancProcess
 
 
 def test_admin_routes_need_credentials(intake: IntakeProcess, admin: Admin) -> None:
@@ -47,3 +50,23 @@ def test_no_admin_route_answers_on_the_public_listener(intake: IntakeProcess, ad
     for path in [*paths, "/openapi.json", "/docs"]:
         response = httpx.get(f"{intake.url}{path}", headers=headers)
         assert response.status_code in (401, 404, 405), path
+
+
+def test_admin_allow_list_refuses_other_addresses(
+    make_intake: Callable[..., IntakeProcess], private_orthanc: OrthancProcess
+) -> None:
+    """With ADMIN_ALLOWED_CIDRS set, the right token from elsewhere gets 403."""
+    intake = make_intake(private_orthanc, admin_allowed_cidrs="127.0.0.2/32")
+    admin = intake.add_admin()
+    headers = {"Authorization": f"Bearer {admin.token}"}
+
+    def get(source: str) -> httpx.Response:
+        transport = httpx.HTTPTransport(local_address=source)
+        with httpx.Client(transport=transport, headers=headers, timeout=30) as client:
+            return client.get(f"{intake.admin_url}/api/sites")
+
+    assert get("127.0.0.2").status_code == 200
+    refused = get("127.0.0.3")
+    assert refused.status_code == 403
+    assert refused.json()["error"] == "admin_address_not_allowed"
+    assert httpx.get(f"{intake.admin_url}/healthz").status_code == 200
