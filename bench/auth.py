@@ -26,9 +26,9 @@ from pathlib import Path
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from app import sites
+from app import admins, sites
 from app.access import Access
-from app.admins import PASSWORDS
+from app.admins import PASSWORDS, AdminAccess
 from app.db import make_engine, make_sessionmaker
 from app.errors import Unauthenticated
 from app.migrations import upgrade
@@ -141,12 +141,20 @@ async def _cases(
     password = "correct horse battery staple"
     password_hash = PASSWORDS.hash(password)
     encoded = basic.encode()
+    with sessions() as session:
+        admins.add(session, "bench-admin", password)
+    admin_access = AdminAccess(sessions, [], cache_seconds=60.0)
+    admin_basic = "Basic " + base64.b64encode(f"bench-admin:{password}".encode()).decode()
+
+    async def admin_call() -> None:
+        await admin_access.authenticate(admin_basic, "127.0.0.1")
 
     results = [
         await _measure("(a) Basic, warm cache + policy", _authenticating(warm, basic), rounds),
         await _measure("(b) Bearer, warm cache + policy", _authenticating(warm, bearer), rounds),
         await _measure("(c) Basic, cold: one DB query", _authenticating(cold, basic), rounds),
         await _measure("(d) malformed token, refused", _refusing(refusing, malformed), rounds),
+        await _measure("(e) admin Basic, cached password", admin_call, rounds),
         await _measure(
             "(B1) argon2 verify (passlib)",
             _synchronous(lambda: PASSWORDS.verify(password, password_hash)),
