@@ -16,12 +16,14 @@ listener puts in its Orthanc-shaped JSON. Nothing here imports FastAPI.
     ├── BadRequest .................. 400  (admin: an operation that cannot be done as asked)
     │   └── InvalidCursor             a pagination cursor the API did not hand out
     ├── NotFound .................... 404  (no such route, or no such record)
+    │   └── DeliveryNotFound          no such webhook delivery
     ├── MethodNotAllowed ............ 405
     ├── Conflict .................... 409  (admin: that change does not fit the record's state)
     │   ├── WrongState                e.g. discarding a forwarded upload
     │   ├── BeingForwarded            the forwarder holds the row right now
     │   ├── NothingToRetry            the kept spool file is gone
-    │   └── ConflictNotRetryable      a same-UID-other-bytes upload: Orthanc would ignore it
+    │   ├── ConflictNotRetryable      a same-UID-other-bytes upload: Orthanc would ignore it
+    │   └── DeliveryNotFailed         only failed webhook deliveries are retried
     ├── ClientTimeout ............... 408  (body trickled slower than allowed)
     ├── InstanceTooLarge ............ 413  (body or inflated body over the cap)
     ├── UnsupportedEncoding ......... 415  (Content-Encoding other than gzip/identity)
@@ -161,6 +163,14 @@ class NothingToRetry(Conflict):
 
 class ConflictNotRetryable(Conflict):
     reason = "conflict_not_retryable"
+
+
+class DeliveryNotFound(NotFound):
+    reason = "delivery_not_found"
+
+
+class DeliveryNotFailed(Conflict):
+    reason = "delivery_not_failed"
 
 
 class ClientTimeout(IntakeError):

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
-from app import webhooks
+from app import deliveries
 from app.api.admin.deps import ERROR_RESPONSES, AdminDep, ErrorBody, ServiceDep
 
 router = APIRouter(
@@ -36,7 +36,7 @@ class DeliveryOut(BaseModel):
     payload: dict[str, Any] = Field(description="The event body, as signed and sent")
 
 
-def _out(view: webhooks.DeliveryView) -> DeliveryOut:
+def _out(view: deliveries.DeliveryView) -> DeliveryOut:
     return DeliveryOut.model_validate(view, from_attributes=True)
 
 
@@ -51,9 +51,9 @@ async def list_deliveries(
 ) -> list[DeliveryOut]:
     """Newest first. Each study that went quiet and settled makes one delivery per URL."""
 
-    def run() -> list[webhooks.DeliveryView]:
+    def run() -> list[deliveries.DeliveryView]:
         with service.readers() as session:
-            return webhooks.list_deliveries(
+            return deliveries.list_deliveries(
                 session, state=state, site=site, limit=limit, before=before
             )
 
@@ -62,9 +62,9 @@ async def list_deliveries(
 
 @router.get("/deliveries/{delivery_id}")
 async def show_delivery(delivery_id: int, _: AdminDep, service: ServiceDep) -> DeliveryOut:
-    def run() -> webhooks.DeliveryView:
+    def run() -> deliveries.DeliveryView:
         with service.readers() as session:
-            return webhooks.show(session, delivery_id)
+            return deliveries.show(session, delivery_id)
 
     return _out(await asyncio.to_thread(run))
 
@@ -73,9 +73,9 @@ async def show_delivery(delivery_id: int, _: AdminDep, service: ServiceDep) -> D
 async def retry_delivery(delivery_id: int, _: AdminDep, service: ServiceDep) -> DeliveryOut:
     """A failed delivery is sent again now, with its full series of attempts (409 otherwise)."""
 
-    def run() -> webhooks.DeliveryView:
+    def run() -> deliveries.DeliveryView:
         with service.sessions() as session:
-            return webhooks.retry(session, delivery_id)
+            return deliveries.retry(session, delivery_id)
 
     view = await asyncio.to_thread(run)
     service.webhooks.notify()
