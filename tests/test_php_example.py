@@ -18,8 +18,8 @@ from tests.support.studies import make_study
 SCRIPT = ROOT / "examples" / "php" / "intake-admin.php"
 
 
-def _php(intake: IntakeProcess, admin: Admin, *args: str) -> str:
-    done = subprocess.run(
+def _run_php(intake: IntakeProcess, admin: Admin, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         ["php", str(SCRIPT), *args],
         env={
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -31,6 +31,10 @@ def _php(intake: IntakeProcess, admin: Admin, *args: str) -> str:
         timeout=60,
         check=False,
     )
+
+
+def _php(intake: IntakeProcess, admin: Admin, *args: str) -> str:
+    done = _run_php(intake, admin, *args)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -85,17 +89,6 @@ def test_php_lists_shows_a_study_and_retries_a_quarantined_upload(
 
 
 def test_php_reports_api_errors(intake: IntakeProcess, admin: Admin) -> None:
-    done = subprocess.run(
-        ["php", str(SCRIPT), "retry", "999999"],
-        env={
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "INTAKE_ADMIN_URL": intake.admin_url,
-            "INTAKE_ADMIN_TOKEN": admin.token,
-        },
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = _run_php(intake, admin, "retry", "999999")
     assert done.returncode == 1
     assert "HTTP 404 not_found" in done.stderr
