@@ -1,7 +1,10 @@
 """Runs dicom.read_summary away from the event loop, in worker processes.
 
 A process pool uses both cores and isolates pydicom: a file that makes a worker
-die costs that worker, not the service.
+die costs that worker, not the service. Workers are spawned (a fresh interpreter:
+no inherited event loop, sockets or database connections) and leave by themselves
+when the intake process is gone, even after a SIGKILL: nothing else would tell them,
+since each holds both ends of its own task queue.
 """
 
 from __future__ import annotations
@@ -9,6 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
+import threading
+import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -17,6 +23,20 @@ from app import dicom
 from app.errors import MalformedDicom
 
 log = logging.getLogger(__name__)
+
+_PARENT_CHECK_SECONDS = 1.0
+
+
+def _leave_with_parent() -> None:
+    """Worker initializer: exit as soon as the process that started us is gone."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_PARENT_CHECK_SECONDS)
+        os._exit(0)  # orphaned: the intake died without shutting the pool down
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 class Validator:
@@ -28,10 +48,11 @@ class Validator:
     def _make_pool(self) -> Executor:
         if self._workers == 0:
             return ThreadPoolExecutor(max_workers=2, thread_name_prefix="validate")
-        # forkserver: workers never inherit the event loop, sockets or DB connections.
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["app.dicom"])
-        return ProcessPoolExecutor(max_workers=self._workers, mp_context=context)
+        return ProcessPoolExecutor(
+            max_workers=self._workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_leave_with_parent,
+        )
 
     async def validate(self, path: Path) -> dicom.Summary:
         loop = asyncio.get_running_loop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from sqlalchemy import create_engine, select
 
@@ -99,3 +100,37 @@ def test_same_uid_with_different_bytes_is_a_conflict_kept_for_an_admin(
     assert (intake.spool / "quarantine" / f"{second['IntakeReceipt']}.dcm").read_bytes() == altered
     wait_until(lambda: first["ID"] in private_orthanc.instances())
     assert private_orthanc.instance_file(first["ID"]) == original
+
+
+def _children(pid: int) -> set[int]:
+    """Processes whose parent is ``pid`` (from /proc)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended while we looked
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_sigkill_leaves_no_worker_processes_behind(
+    make_intake: Callable[..., IntakeProcess], private_orthanc: OrthancProcess
+) -> None:
+    """Validator workers notice their intake is gone and exit (they would wait for ever)."""
+    intake = make_intake(private_orthanc, validation_workers="2")
+    pid = intake.pid
+    assert pid is not None
+    children = _children(pid)
+    assert len(children) >= 2  # the workers (and multiprocessing's resource tracker)
+    intake.kill()
+    wait_until(lambda: not any(_alive(child) for child in children), timeout=15)
