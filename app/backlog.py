@@ -4,7 +4,8 @@ Every transition (retry, make due, discard) runs in one transaction that locks t
 row and re-checks its state, so an admin racing the forwarder or another admin
 changes nothing behind their back. A file is moved before the commit that records
 the move (and moved back if that commit fails); a file is removed only after the
-commit that records the discard. No web framework here.
+commit that records the discard. No web framework here; the dataclasses are the
+admin API's answers as they are (pydantic ``Field`` only documents them in OpenAPI).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import BinaryIO
+from typing import Annotated, BinaryIO
 
+from pydantic import Field
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
@@ -41,7 +43,7 @@ _LAST_ERROR = "; last error: "
 
 
 @dataclass(frozen=True)
-class Item:
+class QueueItem:
     """A queued or quarantined upload as an admin sees it."""
 
     id: int
@@ -51,9 +53,11 @@ class Item:
     reason: str | None
     detail: str | None
     attempts: int
-    failed_answers: int
+    failed_answers: Annotated[int, Field(description="Error answers from Orthanc (5xx) so far")]
     next_attempt_at: datetime | None
-    lease_until: datetime | None
+    lease_until: Annotated[
+        datetime | None, Field(description="Set while the forwarder delivers it")
+    ]
     received_at: datetime
     byte_size: int
     sha256: str | None
@@ -61,12 +65,12 @@ class Item:
     series_instance_uid: str | None
     study_instance_uid: str | None
     discarded_at: datetime | None
-    has_file: bool  # the spool still holds its bytes
+    has_file: Annotated[bool, Field(description="The spool still holds its bytes")]
 
 
 @dataclass(frozen=True)
-class Page:
-    items: list[Item]
+class QueuePage:
+    items: list[QueueItem]
     next_cursor: int | None
 
 
@@ -83,8 +87,14 @@ class Counterpart:
 
 @dataclass(frozen=True)
 class ConflictItem:
-    upload: Item
-    conflicts_with: Counterpart | None  # None: Orthanc's copy came from elsewhere
+    upload: QueueItem
+    conflicts_with: Annotated[
+        Counterpart | None,
+        Field(
+            description="The forwarded or queued upload with the same SOP Instance UID; "
+            "null when Orthanc's copy came from elsewhere"
+        ),
+    ]
 
 
 @dataclass(frozen=True)
@@ -122,7 +132,7 @@ class Backlog:
         reason: str | None = None,
         limit: int = 100,
         cursor: int | None = None,
-    ) -> Page:
+    ) -> QueuePage:
         """Queued rows oldest first (delivery order), quarantined ones newest first."""
         if state not in LISTED:
             raise BadRequest(f"state must be one of {', '.join(LISTED)}")
@@ -179,7 +189,7 @@ class Backlog:
 
     # --- transitions -----------------------------------------------------------------
 
-    def retry(self, upload_id: int, admin: str) -> Item:
+    def retry(self, upload_id: int, admin: str) -> QueueItem:
         """A quarantined upload goes back to the queue; a queued one is made due now."""
         with self._locked(upload_id) as (session, row):
             self._retry(session, row, admin)
@@ -191,7 +201,7 @@ class Backlog:
     def retry_site(self, site: str, admin: str) -> RetryCount:
         return self._retry_many(site, None, admin)
 
-    def discard(self, upload_id: int, admin: str, reason: str) -> Item:
+    def discard(self, upload_id: int, admin: str, reason: str) -> QueueItem:
         """Give up on a queued or quarantined upload; its file goes once that is recorded."""
         reason = reason.strip()
         if not reason:
@@ -310,15 +320,15 @@ class Backlog:
             query = query.where(Upload.id < cursor if newest_first else Upload.id > cursor)
         return query.order_by(Upload.id.desc() if newest_first else Upload.id)
 
-    def _page(self, items: list[Item], limit: int) -> Page:
+    def _page(self, items: list[QueueItem], limit: int) -> QueuePage:
         more = len(items) > _limit(limit)
         items = items[: _limit(limit)]
-        return Page(items, items[-1].id if more and items else None)
+        return QueuePage(items, items[-1].id if more and items else None)
 
-    def _item(self, row: Upload, site: str) -> Item:
+    def _item(self, row: Upload, site: str) -> QueueItem:
         folder = QUARANTINE if row.state == State.QUARANTINED else QUEUE
         kept = row.state in LISTED and bool(row.spool_name)
-        return Item(
+        return QueueItem(
             id=row.id,
             receipt=row.receipt,
             site=site,

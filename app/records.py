@@ -14,8 +14,9 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import Field
 from sqlalchemy import ColumnElement, Select, literal, or_, select, tuple_
 from sqlalchemy.orm import Session
 
@@ -44,7 +45,9 @@ class Filters:
 
 
 @dataclass(frozen=True)
-class Record:
+class UploadRecord:
+    """One intake record: what arrived, from whom, and what became of it."""
+
     id: int
     receipt: str
     site: str
@@ -63,26 +66,30 @@ class Record:
     orthanc_series_id: str | None
     orthanc_study_id: str | None
     orthanc_patient_id: str | None
-    state: str
+    state: State
     reason: str | None
     detail: str | None
     orthanc_status: str | None
     attempts: int
-    failed_answers: int
+    failed_answers: Annotated[
+        int, Field(description="Error answers from Orthanc among the attempts")
+    ]
     next_attempt_at: datetime | None
     forwarded_at: datetime | None
     discarded_at: datetime | None
     duplicate_of_id: int | None
 
 
-FIELDS = tuple(f.name for f in fields(Record))
+FIELDS = tuple(f.name for f in fields(UploadRecord))
 _COLUMNS = [Site.name.label("site") if n == "site" else getattr(Upload, n) for n in FIELDS]
 
 
 @dataclass(frozen=True)
-class Page:
-    items: list[Record]
-    next_cursor: str | None
+class UploadPage:
+    items: list[UploadRecord]
+    next_cursor: Annotated[
+        str | None, Field(description="Pass as `cursor` for the next page; null: end")
+    ]
 
 
 def encode_cursor(received_at: datetime, upload_id: int) -> str:
@@ -163,30 +170,32 @@ def _query(where: list[ColumnElement[bool]]) -> Select[Any]:
     )
 
 
-def search(session: Session, filters: Filters, limit: int = 100, cursor: str | None = None) -> Page:
+def search(
+    session: Session, filters: Filters, limit: int = 100, cursor: str | None = None
+) -> UploadPage:
     """One page of matching records, newest first, and the cursor of the next one."""
     if not 1 <= limit <= MAX_LIMIT:
         raise BadRequest(f"limit must be between 1 and {MAX_LIMIT}")
     position = decode_cursor(cursor) if cursor else None
     where = conditions(session, filters)
     if where is None:
-        return Page([], None)
+        return UploadPage([], None)
     if position is not None:
         where.append(below(position))
     rows = session.execute(_query(where).limit(limit + 1)).all()
-    items = [Record(*row) for row in rows[:limit]]
+    items = [UploadRecord(*row) for row in rows[:limit]]
     more = len(rows) > limit
-    return Page(items, encode_cursor(items[-1].received_at, items[-1].id) if more else None)
+    return UploadPage(items, encode_cursor(items[-1].received_at, items[-1].id) if more else None)
 
 
-def show(session: Session, upload_id: int) -> Record | None:
+def show(session: Session, upload_id: int) -> UploadRecord | None:
     row = session.execute(_query([Upload.id == upload_id])).first()
-    return Record(*row) if row else None
+    return UploadRecord(*row) if row else None
 
 
 def export(
     session_factory: Any, filters: Filters, max_rows: int, batch: int = EXPORT_BATCH
-) -> Iterator[list[Record]]:
+) -> Iterator[list[UploadRecord]]:
     """Matching records in batches, newest first, at most ``max_rows`` of them.
 
     Each batch is read in its own short session (on SQLite every transaction holds the
@@ -204,7 +213,7 @@ def export(
             rows = session.execute(_query(where).limit(min(batch, left))).all()
         if not rows:
             return
-        records = [Record(*row) for row in rows]
+        records = [UploadRecord(*row) for row in rows]
         yield records
         left -= len(records)
         position = (records[-1].received_at, records[-1].id)

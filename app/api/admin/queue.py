@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime
 from typing import Annotated, Literal, TypeVar
 
 from fastapi import APIRouter, Query
@@ -12,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from app.api.admin.deps import ERROR_RESPONSES, AdminDep, ErrorBody, ServiceDep
-from app.backlog import Backlog, ConflictItem, Item, KeptFile, RetryCount
+from app.backlog import Backlog, ConflictPage, KeptFile, QueueItem, QueuePage, RetryCount
 from app.models import State
 from app.service import Service
 
@@ -23,53 +22,6 @@ router = APIRouter(
 )
 T = TypeVar("T")
 _CHUNK = 1024 * 1024
-
-
-class QueueItemOut(BaseModel):
-    id: int
-    receipt: str
-    site: str
-    state: str
-    reason: str | None
-    detail: str | None
-    attempts: int
-    failed_answers: int = Field(description="Error answers from Orthanc (5xx) so far")
-    next_attempt_at: datetime | None
-    lease_until: datetime | None = Field(description="Set while the forwarder delivers it")
-    received_at: datetime
-    byte_size: int
-    sha256: str | None
-    sop_instance_uid: str | None
-    series_instance_uid: str | None
-    study_instance_uid: str | None
-    discarded_at: datetime | None
-    has_file: bool = Field(description="The spool still holds its bytes")
-
-
-class UploadPage(BaseModel):
-    items: list[QueueItemOut]
-    next_cursor: int | None = Field(description="Pass as `cursor` for the next page")
-
-
-class CounterpartOut(BaseModel):
-    id: int
-    sha256: str | None
-    state: str
-    received_at: datetime
-    orthanc_instance_id: str | None
-
-
-class ConflictOut(BaseModel):
-    upload: QueueItemOut
-    conflicts_with: CounterpartOut | None = Field(
-        description="The forwarded or queued upload with the same SOP Instance UID; null "
-        "when Orthanc's copy came from elsewhere"
-    )
-
-
-class ConflictPage(BaseModel):
-    items: list[ConflictOut]
-    next_cursor: int | None
 
 
 class RetryCountOut(BaseModel):
@@ -90,14 +42,6 @@ class DiscardIn(BaseModel):
 
 async def _call(service: Service, action: Callable[[Backlog], T]) -> T:
     return await asyncio.to_thread(action, Backlog(service.sessions, service.spool))
-
-
-def _upload(item: Item) -> QueueItemOut:
-    return QueueItemOut.model_validate(item, from_attributes=True)
-
-
-def _conflict(item: ConflictItem) -> ConflictOut:
-    return ConflictOut.model_validate(item, from_attributes=True)
 
 
 def _count(count: RetryCount) -> RetryCountOut:
@@ -121,17 +65,17 @@ async def list_queue(
     reason: str | None = None,
     limit: Limit = 100,
     cursor: int | None = None,
-) -> UploadPage:
+) -> QueuePage:
     """What waits for Orthanc (oldest first) or sits in quarantine (newest first)."""
     page = await _call(
         service,
         lambda b: b.page(State(state), site=site, reason=reason, limit=limit, cursor=cursor),
     )
-    return UploadPage(items=[_upload(i) for i in page.items], next_cursor=page.next_cursor)
+    return page
 
 
 @router.post("/uploads/{upload_id}/retry")
-async def retry_upload(upload_id: int, admin: AdminDep, service: ServiceDep) -> QueueItemOut:
+async def retry_upload(upload_id: int, admin: AdminDep, service: ServiceDep) -> QueueItem:
     """Put a quarantined upload back in the queue (attempts reset), or make a queued one due.
 
     Conflicts (reason `conflict`) are refused with 409: Orthanc already holds that SOP
@@ -142,7 +86,7 @@ async def retry_upload(upload_id: int, admin: AdminDep, service: ServiceDep) -> 
     """
     item = await _call(service, lambda b: b.retry(upload_id, admin))
     service.forwarder.notify()
-    return _upload(item)
+    return item
 
 
 @router.post("/studies/retry")
@@ -164,12 +108,12 @@ async def retry_site(name: str, admin: AdminDep, service: ServiceDep) -> RetryCo
 @router.post("/uploads/{upload_id}/discard")
 async def discard_upload(
     upload_id: int, body: DiscardIn, admin: AdminDep, service: ServiceDep
-) -> QueueItemOut:
+) -> QueueItem:
     """Give up on a queued or quarantined upload, with a reason; then its file is removed.
 
     Discarding a conflict resolves it in favour of the copy Orthanc holds.
     """
-    return _upload(await _call(service, lambda b: b.discard(upload_id, admin, body.reason)))
+    return await _call(service, lambda b: b.discard(upload_id, admin, body.reason))
 
 
 @router.get("/conflicts")
@@ -185,8 +129,7 @@ async def list_conflicts(
     Each comes with the upload it collides with, to compare hashes; fetch the kept bytes
     with `GET /api/uploads/{id}/file`.
     """
-    page = await _call(service, lambda b: b.conflicts(site=site, limit=limit, cursor=cursor))
-    return ConflictPage(items=[_conflict(c) for c in page.items], next_cursor=page.next_cursor)
+    return await _call(service, lambda b: b.conflicts(site=site, limit=limit, cursor=cursor))
 
 
 @router.get(

@@ -35,44 +35,6 @@ Until = Annotated[
 ]
 
 
-class UploadOut(BaseModel):
-    """One intake record: what arrived, from whom, and what became of it."""
-
-    id: int
-    receipt: str
-    site: str
-    remote_addr: str | None
-    received_at: datetime
-    byte_size: int
-    sha256: str | None
-    sop_class_uid: str | None
-    sop_instance_uid: str | None
-    series_instance_uid: str | None
-    study_instance_uid: str | None
-    patient_id: str | None
-    transfer_syntax_uid: str | None
-    modality: str | None
-    orthanc_instance_id: str | None
-    orthanc_series_id: str | None
-    orthanc_study_id: str | None
-    orthanc_patient_id: str | None
-    state: State
-    reason: str | None
-    detail: str | None
-    orthanc_status: str | None
-    attempts: int
-    failed_answers: int = Field(description="Error answers from Orthanc among the attempts")
-    next_attempt_at: datetime | None
-    forwarded_at: datetime | None
-    discarded_at: datetime | None
-    duplicate_of_id: int | None
-
-
-class UploadPage(BaseModel):
-    items: list[UploadOut]
-    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null: end")
-
-
 class StudyOut(BaseModel):
     site: str
     study_instance_uid: str
@@ -101,7 +63,9 @@ class SeriesOut(BaseModel):
 
 class StudyDetail(StudyOut):
     series_list: list[SeriesOut]
-    uploads: UploadPage = Field(description="The newest uploads; continue with /api/uploads")
+    uploads: records.UploadPage = Field(
+        description="The newest uploads; continue with /api/uploads"
+    )
 
 
 class DayOut(BaseModel):
@@ -175,13 +139,6 @@ def _upload_filters(
 UploadFilters = Annotated[records.Filters, Depends(_upload_filters)]
 
 
-def _page(page: records.Page) -> UploadPage:
-    return UploadPage(
-        items=[UploadOut.model_validate(r, from_attributes=True) for r in page.items],
-        next_cursor=page.next_cursor,
-    )
-
-
 @router.get("/uploads", tags=["uploads"])
 async def list_uploads(
     _: AdminDep,
@@ -189,9 +146,9 @@ async def list_uploads(
     filters: UploadFilters,
     limit: Annotated[int, Query(ge=1, le=records.MAX_LIMIT)] = 100,
     cursor: str | None = None,
-) -> UploadPage:
+) -> records.UploadPage:
     """The intake log, newest first, with keyset pagination stable under new arrivals."""
-    return _page(await _call(service, lambda s: records.search(s, filters, limit, cursor)))
+    return await _call(service, lambda s: records.search(s, filters, limit, cursor))
 
 
 @router.get(
@@ -225,18 +182,18 @@ async def export_uploads(
     )
 
 
-def _csv_row(record: records.Record) -> list[object]:
+def _csv_row(record: records.UploadRecord) -> list[object]:
     values = [getattr(record, name) for name in records.FIELDS]
     return [v.isoformat() if isinstance(v, datetime) else ("" if v is None else v) for v in values]
 
 
 @router.get("/uploads/{upload_id}", tags=["uploads"])
-async def show_upload(upload_id: int, _: AdminDep, service: ServiceDep) -> UploadOut:
+async def show_upload(upload_id: int, _: AdminDep, service: ServiceDep) -> records.UploadRecord:
     """One intake record in full."""
     found = await _call(service, lambda s: records.show(s, upload_id))
     if found is None:
         raise NotFound(f"no upload #{upload_id}")
-    return UploadOut.model_validate(found, from_attributes=True)
+    return found
 
 
 def _study(study: studies.Study) -> StudyOut:
@@ -274,10 +231,10 @@ async def show_study(site: str, study_uid: str, _: AdminDep, service: ServiceDep
 
     def run(
         session: Session,
-    ) -> tuple[tuple[studies.Study, list[studies.Series]] | None, records.Page]:
+    ) -> tuple[tuple[studies.Study, list[studies.Series]] | None, records.UploadPage]:
         found = studies.show(session, site, study_uid, quiet)
         if found is None:
-            return None, records.Page([], None)
+            return None, records.UploadPage([], None)
         return found, records.search(session, records.Filters(site=site, study_uid=study_uid))
 
     found, uploads = await _call(service, run)
@@ -287,7 +244,7 @@ async def show_study(site: str, study_uid: str, _: AdminDep, service: ServiceDep
     return StudyDetail(
         **_study(study).model_dump(),
         series_list=[SeriesOut.model_validate(s, from_attributes=True) for s in series],
-        uploads=_page(uploads),
+        uploads=uploads,
     )
 
 

@@ -24,17 +24,6 @@ router = APIRouter(
 T = TypeVar("T")
 
 
-class TokenOut(BaseModel):
-    id: int
-    prefix: str
-    label: str | None
-    created_at: datetime
-    expires_at: datetime | None
-    revoked_at: datetime | None
-    last_used_at: datetime | None
-    last_used_ip: str | None
-
-
 class SiteOut(BaseModel):
     id: int
     name: str
@@ -43,7 +32,7 @@ class SiteOut(BaseModel):
     disabled_at: datetime | None
     deleted_at: datetime | None
     policy: dict[str, Any]
-    tokens: list[TokenOut]
+    tokens: tuple[sites.TokenView, ...]
 
 
 class NewTokenOut(BaseModel):
@@ -90,7 +79,7 @@ def _site(view: sites.SiteView) -> SiteOut:
         disabled_at=view.disabled_at,
         deleted_at=view.deleted_at,
         policy=view.policy,
-        tokens=[TokenOut.model_validate(t, from_attributes=True) for t in view.tokens],
+        tokens=view.tokens,
     )
 
 
