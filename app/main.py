@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import uvicorn
 from fastapi import FastAPI
@@ -21,7 +21,11 @@ from app.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def _lifespan(settings: Settings, service: Service | None):  # type: ignore[no-untyped-def]
+def _lifespan(
+    settings: Settings, service: Service | None
+) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
+    """Use the given Service, or start (and stop) one of the app's own."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if service is not None:

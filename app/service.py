@@ -125,8 +125,8 @@ class Service:
 
     def database_ready(self) -> bool:
         try:
-            with self.engine.connect() as connection:
-                connection.execute(text("SELECT 1"))
+            with self.readers() as session:  # no write lock for a health check
+                session.execute(text("SELECT 1"))
         except Exception:
             return False
         return True

@@ -261,20 +261,6 @@ def list_sites(session: Session, include_deleted: bool = False) -> list[SiteView
     return [_view(site) for site in session.scalars(query)]
 
 
-def authenticate(
-    session: Session, credentials: auth.Credentials | None, now: datetime | None = None
-) -> AuthenticatedSite:
-    """The site a request speaks for, or Unauthenticated. One indexed lookup."""
-    if credentials is None:
-        raise Unauthenticated("no credentials: use HTTP Basic (site name + token) or Bearer")
-    if not auth.is_well_formed(credentials.token):
-        raise Unauthenticated("the token is not a well-formed intake token")
-    found = lookup(session, auth.digest(credentials.token))
-    if found is None:
-        raise Unauthenticated("unknown site or token")
-    return check(found, credentials.site_name, now or utcnow())
-
-
 def lookup(session: Session, digest: str) -> AuthenticatedSite | None:
     """The site and token behind a digest, whatever their state (check() decides)."""
     row = session.execute(

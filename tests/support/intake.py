@@ -92,11 +92,12 @@ class IntakeProcess:
         env.update(self.env_extra)
         return env
 
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def cli(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "app", *args],
             env=self.env(),
             cwd=ROOT,
+            input=input,
             capture_output=True,
             text=True,
             timeout=120,
@@ -112,16 +113,7 @@ class IntakeProcess:
 
     def add_admin(self, name: str = "admin", password: str = "a long admin password") -> Admin:
         """An admin account and a Bearer token for it (the PHP app's way in)."""
-        done = subprocess.run(
-            [sys.executable, "-m", "app", "admins", "add", name, "--password-stdin"],
-            input=password + "\n",
-            env=self.env(),
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        done = self.cli("admins", "add", name, "--password-stdin", input=password + "\n")
         if done.returncode != 0:
             raise AssertionError(f"admins add failed: {done.stderr}")
         issued = self.cli("admins", "token", name, "--json")

@@ -83,11 +83,14 @@ def _site(view: sites.SiteView) -> SiteOut:
     )
 
 
-async def _call(service: Service, action: Callable[[Session], T]) -> T:
-    """Run a sites.* operation in a session off the event loop; map its errors."""
+async def _call(service: Service, action: Callable[[Session], T], *, change: bool = True) -> T:
+    """Run a sites.* operation in a session off the event loop; map its errors.
+
+    A change also empties this process's credential cache, so it applies at once here.
+    """
 
     def run() -> T:
-        with service.sessions() as session:
+        with (service.sessions if change else service.readers)() as session:
             return action(session)
 
     try:
@@ -98,7 +101,8 @@ async def _call(service: Service, action: Callable[[Session], T]) -> T:
         raise Conflict(str(exc)) from exc
     except (sites.SiteError, ValueError) as exc:
         raise BadRequest(str(exc)) from exc
-    service.access.forget()  # this process sees the change at once
+    if change:
+        service.access.forget()
     return result
 
 
@@ -123,7 +127,7 @@ async def list_sites(
     _: AdminDep, service: ServiceDep, include_deleted: bool = False
 ) -> list[SiteOut]:
     """All sites, with their tokens (visible prefixes only) and policy."""
-    views = await _call(service, lambda s: sites.list_sites(s, include_deleted))
+    views = await _call(service, lambda s: sites.list_sites(s, include_deleted), change=False)
     return [_site(v) for v in views]
 
 
@@ -138,7 +142,7 @@ async def add_site(body: SiteIn, _: AdminDep, service: ServiceDep) -> NewTokenOu
 
 @router.get("/{name}")
 async def show_site(name: str, _: AdminDep, service: ServiceDep) -> SiteOut:
-    return _site(await _call(service, lambda s: sites.show(s, name)))
+    return _site(await _call(service, lambda s: sites.show(s, name), change=False))
 
 
 @router.post("/{name}/rotate")
