@@ -27,6 +27,7 @@ from pydicom.uid import UID_dictionary  # type: ignore[attr-defined]  # no __all
 
 from app.dicom_scan import LONG_VRS, SHORT_VRS, FileSource, InflateSource, Source, scan, tag_str
 from app.errors import (
+    DicomdirNotAnInstance,
     IntakeError,
     InvalidUid,
     MalformedDicom,
@@ -145,7 +146,7 @@ def _read(f: BinaryIO, size: int, limits: Limits) -> Summary:
                 f"{_NAMES[tag]} {tag_str(tag)} is missing or empty in the File Meta Information"
             )
     if meta[_META_CLASS] == _DICOMDIR:
-        raise NotDicom("a DICOMDIR is a media directory, not an instance")
+        raise DicomdirNotAnInstance("a DICOMDIR is a media directory, not an instance")
     ts = meta[_META_TS]
     if ts not in TRANSFER_SYNTAXES:
         raise UnsupportedTransferSyntax(f"transfer syntax {ts!r} is unknown or private")

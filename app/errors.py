@@ -18,6 +18,7 @@ listener puts in its Orthanc-shaped JSON. Nothing here imports FastAPI.
     ├── NotFound .................... 404  (no such route, or no such record)
     │   └── DeliveryNotFound          no such webhook delivery
     ├── MethodNotAllowed ............ 405
+    ├── NotAcceptable ............... 406  (STOW-RS: an Accept the intake cannot answer in)
     ├── Conflict .................... 409  (admin: that change does not fit the record's state)
     │   ├── WrongState                e.g. discarding a forwarded upload
     │   ├── BeingForwarded            the forwarder holds the row right now
@@ -26,7 +27,10 @@ listener puts in its Orthanc-shaped JSON. Nothing here imports FastAPI.
     │   └── DeliveryNotFailed         only failed webhook deliveries are retried
     ├── ClientTimeout ............... 408  (body trickled slower than allowed)
     ├── InstanceTooLarge ............ 413  (body or inflated body over the cap)
+    │   ├── ArchiveTooLarge           a ZIP over its entry, inflated-size or ratio caps
+    │   └── TooManyParts              a multipart body with more parts than allowed
     ├── UnsupportedEncoding ......... 415  (Content-Encoding other than gzip/identity)
+    ├── UnsupportedMediaType ........ 415  (a Content-Type the route does not take)
     ├── TooManyRequests ............. 429  (carries Retry-After)
     │   ├── RateLimited               instances per minute
     │   ├── QuotaExceeded             bytes per day
@@ -43,7 +47,12 @@ listener puts in its Orthanc-shaped JSON. Nothing here imports FastAPI.
     │   ├── TooManyElements           more data elements than the cap
     │   ├── InflateLimitExceeded      Deflated transfer syntax inflates past the cap
     │   ├── CorruptCompression        gzip / deflate stream is not valid
-    │   └── RefusedPreamble           executable preamble (CVE-2019-11687)
+    │   ├── RefusedPreamble           executable preamble (CVE-2019-11687)
+    │   ├── DicomdirNotAnInstance     a DICOMDIR (media directory) sent as an instance
+    │   ├── MalformedArchive          a ZIP that cannot be read safely (overlaps, encryption…)
+    │   ├── NestedArchive             a ZIP inside a ZIP: refused, never opened
+    │   ├── MalformedMultipart        a multipart body that does not parse
+    │   └── StudyMismatch             STOW-RS: an instance outside the study in the URL
     ├── SpoolFull ................... 507  (carries Retry-After)
     └── ServiceUnavailable .......... 503  (carries Retry-After; database down)
 """
@@ -65,6 +74,7 @@ class IntakeError(Exception):
     def __init__(self, detail: str = "") -> None:
         super().__init__(detail)
         self.detail = detail
+        self.recorded = False  # set once counted in the metrics and the intake log
 
     @property
     def headers(self) -> Mapping[str, str]:
@@ -141,6 +151,14 @@ class MethodNotAllowed(IntakeError):
     reason = "method_not_allowed"
 
 
+class NotAcceptable(IntakeError):
+    status_code = 406
+    orthanc_error = "Bad request"
+    orthanc_status = 8
+    message = "Not acceptable"
+    reason = "not_acceptable"
+
+
 class Conflict(IntakeError):
     status_code = 409
     orthanc_error = "Bad request"
@@ -189,12 +207,30 @@ class InstanceTooLarge(IntakeError):
     reason = "too_large"
 
 
+class ArchiveTooLarge(InstanceTooLarge):
+    message = "Archive too large"
+    reason = "archive_too_large"
+
+
+class TooManyParts(InstanceTooLarge):
+    message = "Too many parts"
+    reason = "too_many_parts"
+
+
 class UnsupportedEncoding(IntakeError):
     status_code = 415
     orthanc_error = "Bad request"
     orthanc_status = 8
     message = "Unsupported content encoding"
     reason = "unsupported_encoding"
+
+
+class UnsupportedMediaType(IntakeError):
+    status_code = 415
+    orthanc_error = "Bad request"
+    orthanc_status = 8
+    message = "Unsupported media type"
+    reason = "unsupported_media_type"
 
 
 class TooManyRequests(IntakeError):
@@ -283,6 +319,30 @@ class CorruptCompression(BadUpload):
 class RefusedPreamble(BadUpload):
     message = "Refused preamble"
     reason = "executable_preamble"
+
+
+class DicomdirNotAnInstance(NotDicom):
+    reason = "dicomdir"
+
+
+class MalformedArchive(BadUpload):
+    message = "Bad archive"
+    reason = "malformed_archive"
+
+
+class NestedArchive(BadUpload):
+    message = "Nested archive"
+    reason = "nested_archive"
+
+
+class MalformedMultipart(BadUpload):
+    message = "Bad multipart body"
+    reason = "malformed_multipart"
+
+
+class StudyMismatch(BadUpload):
+    message = "Study mismatch"
+    reason = "study_mismatch"
 
 
 class SpoolFull(IntakeError):

@@ -1,6 +1,9 @@
 """The upload pipeline: receive → validate → persist → enqueue. No web framework here.
 
-A site's upload ends in exactly one of these, before the site gets an answer:
+Every way in uses it: a raw body (``receive``), a ZIP archive found in one (its
+entries, in archive order), and multipart bodies (``receive_multipart``: legacy
+form uploads and DICOMweb STOW-RS). Each file then takes the same steps in
+``_accept``. A file ends in exactly one of these, before the site gets an answer:
 - refused (an IntakeError is raised; a ``rejected`` row records why);
 - ``queued``: the file is durable in the spool and its row committed;
 - ``duplicate``: the same SOP instance with the same bytes was already taken;
@@ -12,6 +15,7 @@ A site's upload ends in exactly one of these, before the site gets an answer:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -24,12 +28,16 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from app import dicom, usage
+from app import archive, dicom, parts, usage
 from app.errors import (
+    DicomdirNotAnInstance,
     InstanceTooLarge,
     IntakeError,
+    NotDicom,
     RefusedPreamble,
     ServiceUnavailable,
+    SpoolFull,
+    StudyMismatch,
     TooManyRequests,
 )
 from app.metrics import Metrics
@@ -54,6 +62,37 @@ class Receipt:
     state: State
     status: str  # Orthanc's word for it: Success or AlreadyStored
     ids: dicom.OrthancIds
+    sop_class_uid: str = ""
+    sop_instance_uid: str = ""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A file that was not taken, and why (its UIDs when it was refused after validation)."""
+
+    error: IntakeError
+    receipt: str
+    summary: dicom.Summary | None = None
+
+
+@dataclass(frozen=True)
+class Item:
+    """One file of a many-file upload: a ZIP entry or a multipart part, in body order."""
+
+    name: str | None
+    outcome: Receipt | Refusal
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The files of one archive or multipart upload; ``skipped`` are what Orthanc skips."""
+
+    items: list[Item]
+    skipped: list[tuple[str, str]]  # (entry name, reason): non-DICOM entries, DICOMDIRs
+
+    @property
+    def accepted(self) -> int:
+        return sum(isinstance(item.outcome, Receipt) for item in self.items)
 
 
 @dataclass(frozen=True)
@@ -62,6 +101,12 @@ class _Context:
     remote_addr: str | None
     receipt: str
     received_at: datetime
+    extra_instance: bool = False  # not the request's first: counted against the rate here
+    expected_study: str | None = None  # STOW-RS /studies/{uid}
+
+
+# Errors that say "later", not "never": once one hits, the rest of a batch gets it too.
+_TRY_LATER = (TooManyRequests, ServiceUnavailable, SpoolFull)
 
 
 class Intake:
@@ -89,50 +134,191 @@ class Intake:
         body: AsyncIterator[bytes],
         content_encoding: str | None = None,
         declared_bytes: int | None = None,
-    ) -> Receipt:
-        """Take one upload through the pipeline; an IntakeError says why it was refused."""
-        started = time.perf_counter()
+    ) -> Receipt | Batch:
+        """One raw body: an instance (refused with an IntakeError) or a ZIP archive."""
         max_bytes = site.policy.max_bytes(self._settings.max_instance_bytes)
-        try:
-            if declared_bytes is not None and declared_bytes > max_bytes:
-                raise InstanceTooLarge(
-                    f"Content-Length {declared_bytes} is over the limit of {max_bytes} bytes"
-                )
-            async with self._admission.admit(site, declared_bytes):
-                result = await self._receive(site, remote_addr, body, content_encoding, max_bytes)
-        except IntakeError as exc:
-            self._metrics.record_refusal(site.name, exc.reason, time.perf_counter() - started)
-            raise
-        self._metrics.record_upload(site.name, result.state, time.perf_counter() - started)
-        return result
-
-    async def _receive(
-        self,
-        site: AuthenticatedSite,
-        remote_addr: str | None,
-        body: AsyncIterator[bytes],
-        content_encoding: str | None,
-        max_bytes: int,
-    ) -> Receipt:
-        started = time.perf_counter()
-        ctx = _Context(site, remote_addr, uuid.uuid4().hex, utcnow())
-        received: Received | None = None
-        parsed: dicom.Summary | None = None  # known once validation passed
-        try:
+        async with self._admitted(site, declared_bytes, max_bytes):
             received = await self._spool.receive(
                 body,
                 max_bytes=max_bytes,
                 content_encoding=content_encoding,
                 idle_timeout=self._settings.body_idle_timeout_seconds,
+                max_archive_bytes=self._settings.max_request_bytes,
             )
             self._metrics.record_bytes(site.name, received.byte_size)
+            if received.archive:
+                return await self._unpack_all(site, remote_addr, [(None, received)])
+            outcome = await self._accept(self._context(site, remote_addr), received)
+            if isinstance(outcome, Refusal):
+                raise outcome.error
+            return outcome
+
+    async def receive_multipart(
+        self,
+        site: AuthenticatedSite,
+        remote_addr: str | None,
+        body: AsyncIterator[bytes],
+        boundary: str,
+        keep: parts.Keep,
+        *,
+        archives: bool,
+        content_encoding: str | None = None,
+        declared_bytes: int | None = None,
+        expected_study: str | None = None,
+    ) -> tuple[Batch, list[parts.Part]]:
+        """A multipart body: each kept part (or, with ``archives``, each ZIP's entries).
+
+        Also returns the parts that were not kept, for the protocol to report.
+        """
+        max_bytes = site.policy.max_bytes(self._settings.max_instance_bytes)
+        async with self._admitted(site, declared_bytes, max_bytes):
+            received = await parts.receive(
+                self._spool,
+                body,
+                boundary,
+                limits=parts.Limits(
+                    max_parts=self._settings.max_files_per_request,
+                    max_part_bytes=max_bytes,
+                    max_archive_bytes=self._settings.max_request_bytes if archives else None,
+                    max_body_bytes=self._settings.max_request_bytes,
+                ),
+                keep=keep,
+                content_encoding=content_encoding,
+                idle_timeout=self._settings.body_idle_timeout_seconds,
+            )
+            files = [(p.filename, p.file) for p in received if p.file is not None]
+            for _, file in files:
+                self._metrics.record_bytes(site.name, file.byte_size)
+            batch = await self._unpack_all(site, remote_addr, files, expected_study)
+            return batch, [p for p in received if p.file is None]
+
+    @contextlib.asynccontextmanager
+    async def _admitted(
+        self, site: AuthenticatedSite, declared_bytes: int | None, max_bytes: int
+    ) -> AsyncIterator[None]:
+        """The site's limits around one request; request-level refusals are counted here."""
+        started = time.perf_counter()
+        limit = max(max_bytes, self._settings.max_request_bytes)
+        try:
+            if declared_bytes is not None and declared_bytes > limit:
+                raise InstanceTooLarge(
+                    f"Content-Length {declared_bytes} is over the limit of {limit} bytes"
+                )
+            async with self._admission.admit(site, declared_bytes):
+                yield
+        except IntakeError as exc:
+            if not exc.recorded:
+                self._metrics.record_refusal(site.name, exc.reason, time.perf_counter() - started)
+            raise
+
+    def _context(
+        self,
+        site: AuthenticatedSite,
+        remote_addr: str | None,
+        *,
+        extra_instance: bool = False,
+        expected_study: str | None = None,
+    ) -> _Context:
+        return _Context(
+            site, remote_addr, uuid.uuid4().hex, utcnow(), extra_instance, expected_study
+        )
+
+    async def _unpack_all(
+        self,
+        site: AuthenticatedSite,
+        remote_addr: str | None,
+        files: list[tuple[str | None, Received]],
+        expected_study: str | None = None,
+    ) -> Batch:
+        """Each file through the pipeline in order; a ZIP's entries in archive order."""
+        batch = Batch([], [])
+        later: IntakeError | None = None  # a "try later" refusal ends the batch
+        try:
+            for name, received in files:
+                if later is not None:
+                    self._spool.discard(received.path)
+                    batch.items.append(Item(name, Refusal(later, uuid.uuid4().hex)))
+                elif received.archive:
+                    later = await self._unpack(site, remote_addr, name, received, batch)
+                else:
+                    ctx = self._context(
+                        site,
+                        remote_addr,
+                        extra_instance=bool(batch.items),
+                        expected_study=expected_study,
+                    )
+                    outcome = await self._accept(ctx, received)
+                    batch.items.append(Item(name, outcome))
+                    if isinstance(outcome, Refusal) and isinstance(outcome.error, _TRY_LATER):
+                        later = outcome.error
+        finally:
+            for _, received in files:
+                self._spool.discard(received.path)
+        if later is not None and not batch.accepted:
+            raise later  # nothing was taken: the whole request is to be sent again later
+        return batch
+
+    async def _unpack(
+        self,
+        site: AuthenticatedSite,
+        remote_addr: str | None,
+        name: str | None,
+        received: Received,
+        batch: Batch,
+    ) -> IntakeError | None:
+        """One ZIP archive's entries into ``batch``; a "try later" error if one stopped it."""
+        limits = archive.Limits(
+            max_entries=self._settings.max_files_per_request,
+            max_inflated_bytes=self._settings.max_archive_inflated_bytes,
+            max_ratio=self._settings.max_archive_ratio,
+            max_entry_bytes=site.policy.max_bytes(self._settings.max_instance_bytes),
+        )
+        try:
+            opened = await asyncio.to_thread(archive.Archive, received.path, limits)
+        except IntakeError as exc:
+            await self._refuse(self._context(site, remote_addr), received, exc, note=name)
+            raise
+        with opened:
+            for entry in opened.entries:
+                ctx = self._context(site, remote_addr, extra_instance=bool(batch.items))
+                try:
+                    part = await asyncio.to_thread(opened.extract, entry, self._spool)
+                except archive.Skipped as skip:
+                    batch.skipped.append((entry.name, skip.reason))
+                    # Recorded as a refusal of that entry; the answer leaves it out, as Orthanc.
+                    error = DicomdirNotAnInstance if skip.reason == "dicomdir" else NotDicom
+                    await self._refuse(ctx, None, error(f"skipped: {skip.detail}"))
+                    continue
+                except IntakeError as exc:
+                    await self._refuse(ctx, None, exc, note=entry.name)
+                    batch.items.append(Item(entry.name, Refusal(exc, ctx.receipt)))
+                    if isinstance(exc, _TRY_LATER):
+                        return exc
+                    continue
+                outcome = await self._accept(ctx, part)
+                if isinstance(outcome, Refusal) and isinstance(
+                    outcome.error, DicomdirNotAnInstance
+                ):
+                    batch.skipped.append((entry.name, outcome.error.reason))
+                    continue
+                batch.items.append(Item(entry.name, outcome))
+                if isinstance(outcome, Refusal) and isinstance(outcome.error, _TRY_LATER):
+                    return outcome.error
+        return None
+
+    async def _accept(self, ctx: _Context, received: Received) -> Receipt | Refusal:
+        """validate → policy → persist one received file; it is consumed either way."""
+        started = time.perf_counter()
+        site = ctx.site
+        parsed: dicom.Summary | None = None  # known once validation passed
+        try:
             if received.executable_preamble is not None:
                 self._spool.keep(received.path, REFUSED, f"{ctx.receipt}.bin")
                 log.warning(
                     "security: site=%s remote=%s receipt=%s sent an executable preamble (%s); "
                     "kept under refused/",
                     site.name,
-                    remote_addr,
+                    ctx.remote_addr,
                     ctx.receipt,
                     received.executable_preamble,
                 )
@@ -143,26 +329,26 @@ class Intake:
             summary = await self._validator.validate(received.path)
             parsed = summary
             site.policy.check_content(site.name, summary)
+            if ctx.expected_study is not None and summary.study_instance_uid != (
+                ctx.expected_study
+            ):
+                raise StudyMismatch(
+                    f"the instance belongs to study {summary.study_instance_uid}, not to "
+                    f"{ctx.expected_study} named in the URL"
+                )
             result = await asyncio.to_thread(self._persist, ctx, received, summary)
         except IntakeError as exc:
-            if received is not None:
-                self._spool.discard(received.path)
-            if not isinstance(exc, ServiceUnavailable | TooManyRequests):
-                await asyncio.to_thread(self._record_rejection, ctx, received, exc, parsed)
-            log.info(
-                "upload refused site=%s receipt=%s reason=%s detail=%s",
-                site.name,
-                ctx.receipt,
-                exc.reason,
-                exc.detail,
-            )
-            raise
+            self._spool.discard(received.path)
+            await self._refuse(ctx, received, exc, summary=parsed)
+            self._metrics.record_refusal(site.name, exc.reason, time.perf_counter() - started)
+            exc.recorded = True
+            return Refusal(exc, ctx.receipt, parsed)
         except BaseException:
-            if received is not None:
-                self._spool.discard(received.path)
+            self._spool.discard(received.path)
             raise
         if result.state is State.QUEUED:
             self._on_queued()
+        self._metrics.record_upload(site.name, result.state, time.perf_counter() - started)
         log.info(
             "upload site=%s receipt=%s sop=%s study=%s bytes=%d state=%s ms=%.1f",
             site.name,
@@ -174,6 +360,26 @@ class Intake:
             (time.perf_counter() - started) * 1000,
         )
         return result
+
+    async def _refuse(
+        self,
+        ctx: _Context,
+        received: Received | None,
+        exc: IntakeError,
+        *,
+        summary: dicom.Summary | None = None,
+        note: str | None = None,
+    ) -> None:
+        """Log a refusal and keep a ``rejected`` row of it (not for "try later" errors)."""
+        if not isinstance(exc, ServiceUnavailable | TooManyRequests):
+            await asyncio.to_thread(self._record_rejection, ctx, received, exc, summary, note)
+        log.info(
+            "upload refused site=%s receipt=%s reason=%s detail=%s",
+            ctx.site.name,
+            ctx.receipt,
+            exc.reason,
+            exc.detail,
+        )
 
     def _persist(self, ctx: _Context, received: Received, summary: dicom.Summary) -> Receipt:
         ids = dicom.orthanc_ids(
@@ -226,6 +432,10 @@ class Intake:
                 quota = ctx.site.policy.bytes_per_day
                 if quota is not None:  # counted in this transaction: no commit, no count
                     usage.take_bytes(session, ctx.site.site_id, quota, received.byte_size, utcnow())
+                rate = ctx.site.policy.instances_per_minute
+                if ctx.extra_instance and rate is not None:
+                    # Admission counted the request's first instance; the others count here.
+                    usage.take_instance(session, ctx.site.site_id, rate, utcnow())
                 status = ORTHANC_ALREADY_STORED
                 if same is not None:
                     row.state = State.DUPLICATE
@@ -262,7 +472,13 @@ class Intake:
         if row.state is State.DUPLICATE:
             self._spool.discard(received.path)
         return Receipt(
-            upload_id=row.id, receipt=ctx.receipt, state=row.state, status=status, ids=ids
+            upload_id=row.id,
+            receipt=ctx.receipt,
+            state=row.state,
+            status=status,
+            ids=ids,
+            sop_class_uid=summary.sop_class_uid,
+            sop_instance_uid=summary.sop_instance_uid,
         )
 
     def _record_rejection(
@@ -271,6 +487,7 @@ class Intake:
         received: Received | None,
         error: IntakeError,
         summary: dicom.Summary | None = None,
+        note: str | None = None,
     ) -> None:
         """A `rejected` row; with the file's UIDs when it was refused after validation."""
         uids: dict[str, str | None] = {}
@@ -297,7 +514,7 @@ class Intake:
                         sha256=received.sha256 if received else None,
                         state=State.REJECTED,
                         reason=error.reason,
-                        detail=error.detail[:2000],
+                        detail=(f"{note}: {error.detail}" if note else error.detail)[:2000],
                         attempts=0,
                         failed_answers=0,
                     )

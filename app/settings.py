@@ -43,6 +43,11 @@ class Settings(BaseSettings):
 
     # Upload bounds.
     max_instance_bytes: int = Field(default=2048 * MiB, gt=0)
+    # A ZIP archive or multipart/STOW-RS body holds many instances (app/archive.py, parts.py).
+    max_request_bytes: int = Field(default=4096 * MiB, gt=0)
+    max_files_per_request: int = Field(default=10_000, ge=1)  # ZIP entries, multipart parts
+    max_archive_inflated_bytes: int = Field(default=16384 * MiB, gt=0)  # all entries together
+    max_archive_ratio: float = Field(default=250.0, gt=1)  # inflated/compressed, per entry
     max_sequence_depth: int = Field(default=16, ge=1)
     max_elements: int = Field(default=200_000, ge=1)
     max_inflated_bytes: int = Field(default=256 * MiB, gt=0)

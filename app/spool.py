@@ -25,7 +25,7 @@ import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from app.dicom import classify_preamble
 from app.errors import (
@@ -42,6 +42,14 @@ _INFLATE_CHUNK = 1024 * 1024
 QUEUE, QUARANTINE, REFUSED, TMP = "queue", "quarantine", "refused", "tmp"
 
 
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a local file header; an empty archive's end
+
+
+def is_archive(head: bytes) -> bool:
+    """True when ``head`` opens a ZIP archive (Orthanc 1.8.2+ takes those on /instances)."""
+    return head[:4] in ZIP_MAGIC
+
+
 @dataclass(frozen=True)
 class Received:
     """A fully received body in ``tmp/``: not yet durable."""
@@ -50,27 +58,39 @@ class Received:
     byte_size: int
     sha256: str  # of the bytes as stored, preamble zeroed
     executable_preamble: str | None  # e.g. "ELF": the file was kept as sent
+    archive: bool = False  # a ZIP archive, kept byte for byte: its entries are the uploads
 
 
 class _Sink:
-    """Writes the stored form of the body: counts, hashes, zeroes the preamble."""
+    """Writes the stored form of the body: counts, hashes, zeroes the preamble.
 
-    def __init__(self, file: BinaryIO, max_bytes: int) -> None:
+    A body that opens with ZIP magic is an archive: it is kept as sent (its
+    "preamble" is archive data) and may grow to ``max_archive_bytes``.
+    """
+
+    def __init__(self, file: BinaryIO, max_bytes: int, max_archive_bytes: int | None) -> None:
         self._file = file
         self._max = max_bytes
+        self._max_archive = max_archive_bytes
         self._head = bytearray()
         self._headed = False
         self.size = 0
         self.sha256 = hashlib.sha256()
         self.executable_preamble: str | None = None
+        self.archive = False
+
+    @property
+    def limit(self) -> int:
+        if self._max_archive is not None and (self.archive or not self._headed):
+            return max(self._max, self._max_archive)
+        return self._max
 
     def write(self, data: bytes) -> None:
         if not data:
             return
         self.size += len(data)
-        if self.size > self._max:
-            raise InstanceTooLarge(f"the instance is larger than the limit of {self._max} bytes")
         if self._headed:
+            self._check_size()
             self._emit(data)
             return
         self._head += data
@@ -81,11 +101,18 @@ class _Sink:
         if not self._headed:
             self._flush_head()
 
+    def _check_size(self) -> None:
+        if self.size > self.limit:
+            what = "archive" if self.archive else "instance"
+            raise InstanceTooLarge(f"the {what} is larger than the limit of {self.limit} bytes")
+
     def _flush_head(self) -> None:
         self._headed = True
         head = self._head
+        self.archive = self._max_archive is not None and is_archive(bytes(head))
+        self._check_size()
         # Only a Part 10 file has a preamble; anything else is left for validation to refuse.
-        if len(head) >= _HEAD and head[PREAMBLE:_HEAD] == b"DICM":
+        if not self.archive and len(head) >= _HEAD and head[PREAMBLE:_HEAD] == b"DICM":
             # CVE-2019-11687: an executable preamble makes the file a polyglot.
             self.executable_preamble = classify_preamble(bytes(head[:PREAMBLE]))
             if self.executable_preamble is None:
@@ -104,6 +131,50 @@ class _Sink:
             raise
 
 
+class SpoolFile:
+    """One file being written into ``tmp/``: ``write`` as bytes come, then ``finish``.
+
+    Whoever opens one calls ``finish`` (it becomes a `Received`) or ``abort``.
+    """
+
+    def __init__(self, path: Path, max_bytes: int, max_archive_bytes: int | None) -> None:
+        self.path = path
+        self._file = path.open("wb")
+        self._sink = _Sink(self._file, max_bytes, max_archive_bytes)
+
+    @property
+    def size(self) -> int:
+        return self._sink.size
+
+    def write(self, data: bytes) -> None:
+        self._sink.write(data)
+
+    def finish(self) -> Received:
+        """Close and fsync (blocking: call it off the event loop for big files)."""
+        try:
+            self._sink.close()
+            _fsync_file(self._file)
+            self._file.close()
+        except BaseException:
+            self.abort()
+            raise
+        return Received(
+            path=self.path,
+            byte_size=self._sink.size,
+            sha256=self._sink.sha256.hexdigest(),
+            executable_preamble=self._sink.executable_preamble,
+            archive=self._sink.archive,
+        )
+
+    def abort(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+
+
+class Writer(Protocol):
+    def write(self, data: bytes, /) -> object: ...
+
+
 class _Gunzip:
     """Bounded streaming gzip inflation: never more than one chunk of output at a time."""
 
@@ -114,7 +185,7 @@ class _Gunzip:
         self._inflater = zlib.decompressobj(wbits=zlib.MAX_WBITS | 16)
         self._open = False  # a member has started and not reached its end
 
-    def feed(self, data: bytes, sink: _Sink) -> None:
+    def feed(self, data: bytes, sink: Writer) -> None:
         while data:
             self._open = True
             try:
@@ -135,7 +206,7 @@ class _Gunzip:
             raise CorruptCompression("the gzip body ends before its end-of-stream marker")
 
 
-def _decoder(content_encoding: str | None) -> _Gunzip | None:
+def decoder(content_encoding: str | None) -> _Gunzip | None:
     encodings = [e.strip().lower() for e in (content_encoding or "").split(",") if e.strip()]
     encodings = [e for e in encodings if e != "identity"]
     if not encodings:
@@ -167,6 +238,10 @@ class Spool:
                 f"{self.min_free_bytes}; try again later"
             )
 
+    def open_file(self, *, max_bytes: int, max_archive_bytes: int | None = None) -> SpoolFile:
+        """A new file in ``tmp/``; ZIP archives allowed up to ``max_archive_bytes`` if set."""
+        return SpoolFile(self.root / TMP / f"{uuid.uuid4().hex}.part", max_bytes, max_archive_bytes)
+
     async def receive(
         self,
         chunks: AsyncIterator[bytes],
@@ -174,47 +249,34 @@ class Spool:
         max_bytes: int,
         content_encoding: str | None,
         idle_timeout: float,
+        max_archive_bytes: int | None = None,
     ) -> Received:
         """Stream a body to ``tmp/`` within the byte cap, then fsync it."""
-        decoder = _decoder(content_encoding)
+        inflate = decoder(content_encoding)
         self.check_free_space()
-        path = self.root / TMP / f"{uuid.uuid4().hex}.part"
+        target = self.open_file(max_bytes=max_bytes, max_archive_bytes=max_archive_bytes)
+        raw_limit = max(max_bytes, max_archive_bytes or 0)
         raw_size = 0
         try:
-            with path.open("wb") as file:
-                sink = _Sink(file, max_bytes)
-                iterator = aiter(chunks)
-                while True:
-                    try:
-                        chunk = await asyncio.wait_for(anext(iterator), idle_timeout)
-                    except StopAsyncIteration:
-                        break
-                    except TimeoutError as exc:
-                        raise ClientTimeout(
-                            f"no body bytes arrived for {idle_timeout:g} seconds"
-                        ) from exc
-                    raw_size += len(chunk)
-                    if raw_size > max_bytes:
-                        raise InstanceTooLarge(
-                            f"the body is larger than the limit of {max_bytes} bytes"
-                        )
-                    if decoder is None:
-                        sink.write(chunk)
-                    else:
-                        decoder.feed(chunk, sink)
-                if decoder is not None:
-                    decoder.finish()
-                sink.close()
-                await asyncio.to_thread(_fsync_file, file)
+            async for chunk in bounded(chunks, idle_timeout):
+                if raw_size == 0 and inflate is not None and is_archive(chunk):
+                    # Orthanc looks for ZIP magic before it gunzips (1.8.2+): so do we.
+                    inflate = None
+                raw_size += len(chunk)
+                if raw_size > raw_limit:
+                    raise InstanceTooLarge(
+                        f"the body is larger than the limit of {raw_limit} bytes"
+                    )
+                if inflate is None:
+                    target.write(chunk)
+                else:
+                    inflate.feed(chunk, target)
+            if inflate is not None:
+                inflate.finish()
+            return await asyncio.to_thread(target.finish)
         except BaseException:
-            path.unlink(missing_ok=True)
+            target.abort()
             raise
-        return Received(
-            path=path,
-            byte_size=sink.size,
-            sha256=sink.sha256.hexdigest(),
-            executable_preamble=sink.executable_preamble,
-        )
 
     def keep(self, received: Path, folder: str, name: str) -> Path:
         """Move a received file into ``folder`` durably (rename + fsync of the folder)."""
@@ -226,6 +288,19 @@ class Spool:
     def discard(self, path: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+async def bounded(chunks: AsyncIterator[bytes], idle_timeout: float) -> AsyncIterator[bytes]:
+    """The body's chunks, or ClientTimeout when none arrives for ``idle_timeout`` seconds."""
+    iterator = aiter(chunks)
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(iterator), idle_timeout)
+        except StopAsyncIteration:
+            return
+        except TimeoutError as exc:
+            raise ClientTimeout(f"no body bytes arrived for {idle_timeout:g} seconds") from exc
+        yield chunk
 
 
 def _fsync_file(file: BinaryIO) -> None:

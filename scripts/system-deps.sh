@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test suite runs for real, when they are missing:
 # Orthanc (private Orthanc and remote site in the tests), a PostgreSQL server, and
-# PHP with curl (the admin API's PHP example is run against a live intake).
+# PHP with curl (the admin API's PHP example is run against a live intake), and
+# Chromium (the browser upload page is tested in it).
 set -euo pipefail
 
 SUDO=""
@@ -15,6 +16,8 @@ command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || missing+=(orth
 command -v pg_ctlcluster >/dev/null 2>&1 || missing+=(postgresql)
 command -v php >/dev/null 2>&1 || missing+=(php-cli)
 php -m 2>/dev/null | grep -qx curl || missing+=(php-curl)
+# The upload page is tested in Debian's Chromium, driven by Playwright (no browser download).
+[ -x /usr/bin/chromium ] || missing+=(chromium)
 
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing Debian packages: ${missing[*]}"

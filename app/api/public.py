@@ -11,7 +11,10 @@ from starlette.requests import ClientDisconnect
 
 from app import sites
 from app.api.deps import ServiceDep
-from app.intake import Receipt
+from app.errors import MalformedMultipart
+from app.intake import Batch, Item, Receipt, Refusal
+from app.parts import MediaType
+from app.service import Service
 
 log = logging.getLogger(__name__)
 router = APIRouter(redirect_slashes=False)
@@ -44,25 +47,90 @@ def _instance_answer(receipt: Receipt) -> dict[str, Any]:
     }
 
 
+def _item_answer(item: Item) -> dict[str, Any]:
+    """One file of a ZIP or form upload: Orthanc's object, or a Failure with the reason."""
+    outcome = item.outcome
+    if isinstance(outcome, Receipt):
+        answer = _instance_answer(outcome)
+    else:
+        error = outcome.error
+        answer = {
+            "Status": "Failure",  # Orthanc's StoreStatus_Failure
+            "HttpStatus": error.status_code,
+            "Message": error.message,
+            "Details": error.detail,
+            "IntakeReason": error.reason,
+            "IntakeReceipt": outcome.receipt,
+        }
+    if item.name is not None:
+        answer["IntakeEntry"] = item.name
+    return answer
+
+
+def _wants_json(request: Request) -> bool:
+    return "application/json" in request.headers.get("accept", "").lower()
+
+
+async def _store_form(
+    request: Request, site: sites.AuthenticatedSite, service: Service, media: MediaType
+) -> Response:
+    """Legacy Orthanc Explorer / browser forms: each file part through the pipeline."""
+    batch, _fields = await service.intake.receive_multipart(
+        site,
+        request.state.client_address,
+        request.stream(),
+        media.boundary(),
+        keep=lambda _media, filename: filename is not None,
+        archives=True,
+        content_encoding=request.headers.get("content-encoding"),
+        declared_bytes=declared_bytes(request),
+    )
+    if not batch.items and not batch.skipped:
+        raise MalformedMultipart("the form holds no file part")
+    if _wants_json(request):
+        return JSONResponse([_item_answer(item) for item in batch.items])
+    refused = [i for i in batch.items if isinstance(i.outcome, Refusal)]
+    if not refused:
+        return Response(status_code=200)  # what Orthanc answers a form upload
+    first = refused[0]
+    assert isinstance(first.outcome, Refusal)
+    error = first.outcome.error
+    accepted = len(batch.items) - len(refused)
+    error.detail = (
+        f"{len(refused)} of {len(batch.items)} files refused ({accepted} accepted); "
+        f"first: {first.name}: {error.detail}"
+    )
+    raise error
+
+
+def declared_bytes(request: Request) -> int | None:
+    declared = request.headers.get("content-length", "")
+    return int(declared) if declared.isdigit() else None
+
+
 @router.post("/instances")
 @router.post("/instances/", include_in_schema=False)
 async def store_instance(request: Request, site: SiteDep, service: ServiceDep) -> Response:
-    """Store one DICOM instance, sent raw (any Content-Type, optionally gzip-encoded)."""
-    declared = request.headers.get("content-length", "")
+    """Store DICOM: a raw instance (any Content-Type, optionally gzip), a ZIP, or a form."""
     address: str | None = request.state.client_address
+    media = MediaType.parse(request.headers.get("content-type"))
     try:
-        receipt = await service.intake.receive(
+        if media.name == "multipart/form-data":
+            return await _store_form(request, site, service, media)
+        result = await service.intake.receive(
             site,
             address,
             request.stream(),
             request.headers.get("content-encoding"),
-            declared_bytes=int(declared) if declared.isdigit() else None,
+            declared_bytes=declared_bytes(request),
         )
     except ClientDisconnect:
         # Nobody is left to answer; the partial body is already gone from the spool.
         log.info("site=%s remote=%s disconnected mid-upload", site.name, address)
         return Response(status_code=400)
-    return JSONResponse(_instance_answer(receipt))
+    if isinstance(result, Batch):  # a ZIP: an array in archive order (Orthanc 1.8.2+)
+        return JSONResponse([_item_answer(item) for item in result.items])
+    return JSONResponse(_instance_answer(result))
 
 
 @router.get("/system")
