@@ -210,7 +210,8 @@ def _check_directory(file: BinaryIO, size: int, max_entries: int) -> None:
 def _check_overlaps(infos: list[zipfile.ZipInfo], directory_start: int) -> None:
     """Each entry's data must end before the next entry (or the directory) begins."""
     ordered = sorted(infos, key=lambda i: i.header_offset)
-    for info, after in zip(ordered, [*ordered[1:], None], strict=True):
+    followers: list[zipfile.ZipInfo | None] = [*ordered[1:], None]
+    for info, after in zip(ordered, followers[: len(ordered)], strict=True):
         end = info.header_offset + _LOCAL_HEADER + info.compress_size
         limit = after.header_offset if after is not None else directory_start
         if end > limit:

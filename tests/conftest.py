@@ -85,6 +85,26 @@ def intake(
     return make_intake(private_orthanc)
 
 
+@pytest.fixture(scope="module")
+def module_intake(
+    tmp_path_factory: pytest.TempPathFactory, private_orthanc: OrthancProcess
+) -> Iterator[IntakeProcess]:
+    """One intake on SQLite for a module's protocol tests (parsing does not depend on the
+    backend; each such module also runs its pipeline path on both backends via `intake`)."""
+    workdir = tmp_path_factory.mktemp("module-intake")
+    process = IntakeProcess(
+        workdir / "intake", f"sqlite:///{workdir / 'intake.db'}", orthanc=private_orthanc
+    )
+    process.start()
+    yield process
+    process.kill()
+
+
+@pytest.fixture(scope="module")
+def module_site(module_intake: IntakeProcess) -> Site:
+    return module_intake.add_site("protocol-site")
+
+
 @pytest.fixture
 def site(intake: IntakeProcess) -> Site:
     return intake.add_site("hospital-a")

@@ -1,0 +1,194 @@
+"""ZIP archives on POST /instances, against the real Orthanc's own answers."""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Callable
+
+import pytest
+from sqlalchemy import create_engine, select
+
+from app.models import Upload
+from tests.support.archives import empty_zip, make_zip, overlapping_zip
+from tests.support.intake import IntakeProcess, Site, wait_until
+from tests.support.orthanc import OrthancProcess
+from tests.support.studies import make_study
+
+ORTHANC_FIELDS = ("ID", "ParentPatient", "ParentSeries", "ParentStudy", "Path", "Status")
+
+
+def _rows(intake: IntakeProcess, receipts: list[str] | None = None) -> list[Upload]:
+    engine = create_engine(intake.database_url)
+    try:
+        with engine.connect() as conn:
+            query = select(Upload)
+            if receipts is not None:
+                query = query.where(Upload.receipt.in_(receipts))
+            return list(conn.execute(query).all())  # type: ignore[arg-type]
+    finally:
+        engine.dispose()
+
+
+def test_a_zip_is_answered_like_orthanc_and_every_entry_arrives(
+    intake: IntakeProcess, site: Site, private_orthanc: OrthancProcess, own_orthanc: OrthancProcess
+) -> None:
+    """Same archive to the real Orthanc and to the intake: same array, in archive order."""
+    files = make_study(n_series=2, per_series=2)
+    data = make_zip(
+        [
+            ("study/s1/1.dcm", files[0]),
+            ("README.txt", b"not dicom"),
+            ("study/s1/2.dcm", files[1]),
+            ("study/s2/1.dcm", files[2]),
+            ("study/s2/2.dcm", files[3]),
+        ]
+    )
+    with own_orthanc.client() as orthanc:
+        expected = orthanc.post("/instances", content=data)
+    ours = intake.upload(site, data, headers={"Content-Type": "application/zip"})
+    assert expected.status_code == ours.status_code == 200, ours.text
+    theirs, answer = expected.json(), ours.json()
+    assert len(answer) == len(theirs) == 4
+    assert [{k: a[k] for k in ORTHANC_FIELDS} for a in answer] == theirs
+    assert [a["IntakeEntry"] for a in answer] == [
+        "study/s1/1.dcm",
+        "study/s1/2.dcm",
+        "study/s2/1.dcm",
+        "study/s2/2.dcm",
+    ]
+    ids = [a["ID"] for a in answer]
+    wait_until(lambda: set(ids) <= set(private_orthanc.instances()), timeout=60)
+    skipped = [r for r in _rows(intake) if r.detail and r.detail.startswith("skipped:")]
+    assert [r.reason for r in skipped] == ["not_dicom"]
+
+
+def test_dicomdir_and_non_dicom_entries_are_skipped_and_recorded(
+    module_intake: IntakeProcess, module_site: Site
+) -> None:
+    """Left out of the answer, as Orthanc does, but on record as refusals."""
+    before = len(_rows(module_intake))
+    data = make_zip(
+        [
+            ("DICOMDIR", bytes(128) + b"DICM" + bytes(16)),
+            ("notes/readme.txt", b"hello"),
+            ("a.dcm", make_study(1, 1)[0]),
+        ]
+    )
+    response = module_intake.upload(module_site, data)
+    assert response.status_code == 200
+    assert [a["IntakeEntry"] for a in response.json()] == ["a.dcm"]
+    rows = _rows(module_intake)[before:]
+    assert sorted((r.state, r.reason) for r in rows if r.state == "rejected") == [
+        ("rejected", "dicomdir"),
+        ("rejected", "not_dicom"),
+    ]
+
+
+def test_an_empty_archive_answers_an_empty_array(
+    module_intake: IntakeProcess, module_site: Site
+) -> None:
+    # Orthanc 1.10.1 answers 400 "Cannot open ZIP archive" here; [] is Orthanc's documented
+    # answer for an archive without DICOM, and what clients expect.
+    response = module_intake.upload(module_site, empty_zip())
+    assert response.status_code == 200
+    assert response.json() == []
+
+
+def test_a_bad_entry_fails_alone_with_its_reason(
+    module_intake: IntakeProcess, module_site: Site, private_orthanc: OrthancProcess
+) -> None:
+    good, other = make_study(n_series=1, per_series=2)
+    data = make_zip([("bad.dcm", other[:300]), ("good.dcm", good)])
+    response = module_intake.upload(module_site, data)
+    assert response.status_code == 200
+    bad, ok = response.json()
+    assert bad["Status"] == "Failure"
+    assert bad["IntakeEntry"] == "bad.dcm"
+    assert bad["IntakeReason"] == "malformed"
+    assert bad["HttpStatus"] == 400
+    assert bad["Details"]
+    assert ok["Status"] == "Success"
+    wait_until(lambda: ok["ID"] in private_orthanc.instances(), timeout=60)
+    (row,) = _rows(module_intake, [bad["IntakeReceipt"]])
+    assert row.state == "rejected"
+
+
+def test_a_nested_archive_entry_is_refused_and_the_rest_taken(
+    module_intake: IntakeProcess, module_site: Site
+) -> None:
+    inner = make_zip([("x.dcm", make_study(1, 1)[0])])
+    data = make_zip([("inner.zip", inner), ("ok.dcm", make_study(1, 1)[0])])
+    response = module_intake.upload(module_site, data)
+    assert response.status_code == 200
+    nested, ok = response.json()
+    assert nested["IntakeReason"] == "nested_archive"
+    assert ok["Status"] == "Success"
+
+
+def test_resending_an_archive_answers_already_stored(
+    module_intake: IntakeProcess, module_site: Site
+) -> None:
+    data = make_zip([(f"{i}.dcm", f) for i, f in enumerate(make_study(1, 3))])
+    first = module_intake.upload(module_site, data).json()
+    again = module_intake.upload(module_site, data).json()
+    assert [a["Status"] for a in first] == ["Success"] * 3
+    assert [a["Status"] for a in again] == ["AlreadyStored"] * 3
+    assert [a["IntakeState"] for a in again] == ["duplicate"] * 3
+
+
+@pytest.mark.parametrize(
+    ("make", "status", "reason"),
+    [
+        (lambda: make_zip([("bomb.dcm", bytes(32 * 1024 * 1024))]), 413, "inflates"),
+        (lambda: overlapping_zip(make_study(1, 1)[0]), 400, "overlap"),
+        (lambda: b"PK\x03\x04" + bytes(4000), 400, "end-of-central-directory"),
+    ],
+    ids=["ratio-bomb", "overlapping-entries", "truncated"],
+)
+def test_hostile_archives_are_refused_whole_and_nothing_is_kept(
+    module_intake: IntakeProcess,
+    module_site: Site,
+    make: Callable[[], bytes],
+    status: int,
+    reason: str,
+) -> None:
+    before = len(_rows(module_intake))
+    response = module_intake.upload(module_site, make())
+    assert response.status_code == status, response.text
+    assert reason in response.json()["Details"]
+    rows = _rows(module_intake)[before:]
+    assert [r.state for r in rows] == ["rejected"]
+    assert not list((module_intake.spool / "tmp").iterdir())
+    assert module_intake.returncode is None
+
+
+def test_a_gzip_encoded_archive_is_unpacked(
+    module_intake: IntakeProcess, module_site: Site
+) -> None:
+    data = make_zip([("a.dcm", make_study(1, 1)[0])])
+    response = module_intake.upload(
+        module_site, gzip.compress(data), headers={"Content-Encoding": "gzip"}
+    )
+    assert response.status_code == 200
+    assert [a["Status"] for a in response.json()] == ["Success"]
+
+
+def test_an_archive_mislabelled_gzip_is_still_an_archive(
+    module_intake: IntakeProcess, module_site: Site
+) -> None:
+    """Orthanc looks for ZIP magic before it gunzips; a ZIP sent with that header works."""
+    data = make_zip([("a.dcm", make_study(1, 1)[0])])
+    response = module_intake.upload(module_site, data, headers={"Content-Encoding": "gzip"})
+    assert response.status_code == 200
+    assert [a["Status"] for a in response.json()] == ["Success"]
+
+
+def test_archive_entries_count_against_the_request_caps(
+    make_intake: Callable[..., IntakeProcess], private_orthanc: OrthancProcess
+) -> None:
+    intake = make_intake(private_orthanc, max_files_per_request="3")
+    site = intake.add_site("capped")
+    data = make_zip([(f"{i}.dcm", f) for i, f in enumerate(make_study(1, 4))])
+    response = intake.upload(site, data)
+    assert response.status_code == 413
+    assert response.json()["Details"] == "the archive holds 4 entries; the limit is 3"
