@@ -81,9 +81,8 @@ def test_non_dicom_and_dicomdir_entries_are_skipped(tmp_path: Path, spool: Spool
 
 def test_a_nested_archive_is_refused_unopened(tmp_path: Path, spool: Spool) -> None:
     inner = make_zip([("x.dcm", make_study(1, 1)[0])])
-    with _open(tmp_path, make_zip([("inner.zip", inner)])) as opened:
-        with pytest.raises(NestedArchive):
-            opened.extract(opened.entries[0], spool)
+    with _open(tmp_path, make_zip([("inner.zip", inner)])) as opened, pytest.raises(NestedArchive):
+        opened.extract(opened.entries[0], spool)
     assert list((spool.root / "tmp").iterdir()) == []
 
 
@@ -92,7 +91,7 @@ def test_a_compression_bomb_is_refused_from_the_directory_alone(tmp_path: Path) 
     data = make_zip([("bomb.dcm", bytes(64 * MiB))])
     tracemalloc.start()
     try:
-        with pytest.raises(ArchiveTooLarge, match="inflates 1\\d\\d\\d times"):
+        with pytest.raises(ArchiveTooLarge, match=r"inflates 1\d\d\d times"):
             _open(tmp_path, data)
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -123,16 +122,17 @@ def test_overlapping_entries_are_refused(tmp_path: Path) -> None:
 
 
 def test_encrypted_entries_are_refused(tmp_path: Path, spool: Spool) -> None:
-    with _open(tmp_path, encrypted_zip(make_study(1, 1)[0])) as opened:
-        with pytest.raises(MalformedArchive, match="encrypted"):
-            opened.extract(opened.entries[0], spool)
+    with (
+        _open(tmp_path, encrypted_zip(make_study(1, 1)[0])) as opened,
+        pytest.raises(MalformedArchive, match="encrypted"),
+    ):
+        opened.extract(opened.entries[0], spool)
 
 
 def test_a_bad_crc_is_caught_and_leaves_no_file(tmp_path: Path, spool: Spool) -> None:
     data = corrupt_crc(make_zip([("a.dcm", make_study(1, 1)[0])], deflate=False))
-    with _open(tmp_path, data) as opened:
-        with pytest.raises(MalformedArchive, match="cannot be read"):
-            opened.extract(opened.entries[0], spool)
+    with _open(tmp_path, data) as opened, pytest.raises(MalformedArchive, match="cannot be read"):
+        opened.extract(opened.entries[0], spool)
     assert list((spool.root / "tmp").iterdir()) == []
 
 
@@ -150,9 +150,11 @@ def test_an_oversized_entry_is_refused_alone(tmp_path: Path, spool: Spool) -> No
     limits = archive.Limits(
         max_entries=10, max_inflated_bytes=64 * MiB, max_ratio=250, max_entry_bytes=1000
     )
-    with _open(tmp_path, make_zip([("big.dcm", make_study(1, 1)[0])]), limits) as opened:
-        with pytest.raises(ArchiveTooLarge, match="limit for one instance"):
-            opened.extract(opened.entries[0], spool)
+    with (
+        _open(tmp_path, make_zip([("big.dcm", make_study(1, 1)[0])]), limits) as opened,
+        pytest.raises(ArchiveTooLarge, match="limit for one instance"),
+    ):
+        opened.extract(opened.entries[0], spool)
 
 
 def test_an_empty_archive_has_no_entries(tmp_path: Path) -> None:
