@@ -278,8 +278,12 @@ class Intake:
         except IntakeError as exc:
             await self._refuse(self._context(site, remote_addr), received, exc, note=name)
             raise
+        later: IntakeError | None = None
         with opened:
             for entry in opened.entries:
+                if later is not None:  # not opened: the site sends the archive again later
+                    batch.items.append(Item(entry.name, Refusal(later, uuid.uuid4().hex)))
+                    continue
                 ctx = self._context(site, remote_addr, extra_instance=bool(batch.items))
                 try:
                     part = await asyncio.to_thread(opened.extract, entry, self._spool)
@@ -292,8 +296,7 @@ class Intake:
                 except IntakeError as exc:
                     await self._refuse(ctx, None, exc, note=entry.name)
                     batch.items.append(Item(entry.name, Refusal(exc, ctx.receipt)))
-                    if isinstance(exc, _TRY_LATER):
-                        return exc
+                    later = exc if isinstance(exc, _TRY_LATER) else None
                     continue
                 outcome = await self._accept(ctx, part)
                 if isinstance(outcome, Refusal) and isinstance(
@@ -303,8 +306,8 @@ class Intake:
                     continue
                 batch.items.append(Item(entry.name, outcome))
                 if isinstance(outcome, Refusal) and isinstance(outcome.error, _TRY_LATER):
-                    return outcome.error
-        return None
+                    later = outcome.error
+        return later
 
     async def _accept(self, ctx: _Context, received: Received) -> Receipt | Refusal:
         """validate → policy → persist one received file; it is consumed either way."""

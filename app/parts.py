@@ -155,6 +155,7 @@ async def receive(
         max_header_size=_MAX_HEADER_LINE,
     )
     inflate = decoder(content_encoding)
+    parsed = _Counted(parser, limits.max_body_bytes)  # a gzip body is capped once inflated too
     received: list[Part] = []
     size = 0
     spool.check_free_space()
@@ -167,9 +168,9 @@ async def receive(
                 )
             try:
                 if inflate is None:
-                    parser.write(chunk)
+                    parsed.write(chunk)
                 else:
-                    inflate.feed(chunk, parser)
+                    inflate.feed(chunk, parsed)
             except MultipartParseError as exc:
                 raise MalformedMultipart(f"the multipart body does not parse: {exc}") from None
             await _finish_done(reader, received)
@@ -186,6 +187,19 @@ async def receive(
             file.abort()
         raise
     return received
+
+
+class _Counted:
+    def __init__(self, parser: MultipartParser, limit: int) -> None:
+        self._parser = parser
+        self._limit = limit
+        self._size = 0
+
+    def write(self, data: bytes) -> None:
+        self._size += len(data)
+        if self._size > self._limit:
+            raise InstanceTooLarge(f"the body inflates past the limit of {self._limit} bytes")
+        self._parser.write(data)
 
 
 async def _finish_done(reader: _Reader, received: list[Part]) -> None:

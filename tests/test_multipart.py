@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 from collections.abc import Callable
 
 from tests.support.archives import make_zip
@@ -156,3 +157,23 @@ def test_parts_are_capped(
     assert b"more than 2 parts" in content
     assert not list((intake.spool / "tmp").iterdir())
     assert not list((intake.spool / "queue").iterdir())
+
+
+def test_a_gzip_bomb_of_a_form_is_capped_once_inflated(
+    make_intake: Callable[..., IntakeProcess], private_orthanc: OrthancProcess
+) -> None:
+    """Compressed bytes are counted, and so are inflated ones: the cap holds for both."""
+    intake = make_intake(private_orthanc, max_request_bytes=str(8 * 1024 * 1024))
+    site = intake.add_site("form-bomb")
+    field = ("padding", None, bytes(64 * 1024 * 1024))  # a plain field: parsed, never stored
+    body = gzip.compress(_form([field]), compresslevel=9)
+    response = intake.upload(
+        site,
+        body,
+        headers={
+            "Content-Type": f"multipart/form-data; boundary={BOUNDARY}",
+            "Content-Encoding": "gzip",
+        },
+    )
+    assert response.status_code == 413
+    assert "inflates past the limit of 8388608 bytes" in response.json()["Details"]

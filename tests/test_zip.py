@@ -192,3 +192,45 @@ def test_archive_entries_count_against_the_request_caps(
     response = intake.upload(site, data)
     assert response.status_code == 413
     assert response.json()["Details"] == "the archive holds 4 entries; the limit is 3"
+
+
+def test_every_entry_counts_against_the_sites_rate(
+    module_intake: IntakeProcess, private_orthanc: OrthancProcess
+) -> None:
+    """instances-per-minute counts instances, not requests: the third entry of four waits."""
+    site = module_intake.add_site("rated-zip")
+    done = module_intake.cli("sites", "policy", site.name, "--instances-per-minute", "2", "--json")
+    assert done.returncode == 0, done.stderr
+    data = make_zip([(f"{i}.dcm", f) for i, f in enumerate(make_study(1, 4))])
+    response = module_intake.upload(site, data)
+    assert response.status_code == 200
+    answer = response.json()
+    assert [a["Status"] for a in answer] == ["Success", "Success", "Failure", "Failure"]
+    assert {a.get("IntakeReason") for a in answer[2:]} == {"rate_limited"}
+    assert {a.get("HttpStatus") for a in answer[2:]} == {429}
+    # With nothing taken, the whole request is refused the way a single upload would be.
+    again = module_intake.upload(site, make_zip([("x.dcm", make_study(1, 1)[0])]))
+    assert again.status_code == 429
+    assert int(again.headers["retry-after"]) >= 1
+
+
+def _peak_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc status")
+
+
+def test_bombs_cost_the_intake_little_memory(
+    module_intake: IntakeProcess, module_site: Site
+) -> None:
+    """A 256 MiB ratio bomb and a ZIP of 1000 entries: peak RSS grows by under 32 MiB."""
+    pid = module_intake.pid
+    assert pid is not None
+    before = _peak_rss(pid)
+    bomb = make_zip([("bomb.dcm", bytes(256 * 1024 * 1024))])
+    assert module_intake.upload(module_site, bomb).status_code == 413
+    many = make_zip([(f"{i}.txt", b"x") for i in range(1000)])
+    assert module_intake.upload(module_site, many).json() == []
+    assert _peak_rss(pid) - before < 32 * 1024 * 1024
