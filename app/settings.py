@@ -1,15 +1,61 @@
-"""The service's configuration: one pydantic-settings class, prefix ``INTAKE_``."""
+"""The service's configuration: one pydantic-settings class, prefix ``INTAKE_``.
+
+Every field carries a ``description`` and a documentation group (``_group``);
+scripts/config_docs.py turns them into docs/CONFIGURATION.md, and
+tests/test_configuration.py keeps the two in step. A new setting needs only those two.
+Every ``SecretStr`` field can also be read from the file its ``INTAKE_…_FILE`` names
+(Docker and Kubernetes secrets), see app/secret_files.py.
+"""
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic.config import JsonDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from app.secret_files import SecretFiles
 
 MiB = 1024 * 1024
+
+
+class Group(enum.StrEnum):
+    """The sections of docs/CONFIGURATION.md, in the order they appear there."""
+
+    ORTHANC = "Private Orthanc"
+    STORAGE = "Database and spool"
+    LISTENERS = "Listeners and TLS"
+    UPLOADS = "Upload limits"
+    FORWARDING = "Forwarding"
+    ACCESS = "Site access and tokens"
+    ADMIN = "Admin API"
+    WEBHOOKS = "Study-arrived webhooks"
+    LOGGING = "Logging"
+
+
+def _group(group: Group) -> JsonDict:
+    """The ``json_schema_extra`` that files a field under ``group`` in the documentation."""
+    return {"group": group.value}
+
+
+def group_of(field: FieldInfo) -> Group:
+    """The documentation group of a settings field (``LookupError`` when it has none)."""
+    extra = field.json_schema_extra
+    group = extra.get("group") if isinstance(extra, dict) else None
+    if not isinstance(group, str):
+        raise LookupError("a settings field needs json_schema_extra=_group(Group.…)")
+    return Group(group)
 
 
 class Settings(BaseSettings):
@@ -21,78 +67,414 @@ class Settings(BaseSettings):
     )
 
     # The private Orthanc. Its credentials live in this object and in orthanc.py only.
-    orthanc_url: str = "http://127.0.0.1:8042"
-    orthanc_username: str | None = None
-    orthanc_password: SecretStr | None = None
-    orthanc_timeout_seconds: float = Field(default=60.0, gt=0)
+    orthanc_url: str = Field(
+        default="http://127.0.0.1:8042",
+        description="Base URL of the private Orthanc that uploads are forwarded to; a URL "
+        "with credentials in it is refused, so that they never reach a log (use "
+        "`INTAKE_ORTHANC_USERNAME` and `INTAKE_ORTHANC_PASSWORD`).",
+        json_schema_extra=_group(Group.ORTHANC),
+    )
+    orthanc_username: str | None = Field(
+        default=None,
+        description="HTTP Basic user name for the private Orthanc, sent only together with "
+        "`INTAKE_ORTHANC_PASSWORD`.",
+        json_schema_extra=_group(Group.ORTHANC),
+    )
+    orthanc_password: SecretStr | None = Field(
+        default=None,
+        description="HTTP Basic password for the private Orthanc; only the forwarder uses "
+        "it, and it is never shown to sites or written to a log.",
+        json_schema_extra=_group(Group.ORTHANC),
+    )
+    orthanc_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds one request to the private Orthanc may take (connecting: at "
+        "most 10); a request that times out counts as Orthanc being unreachable, and the "
+        "delivery is retried later.",
+        json_schema_extra=_group(Group.ORTHANC),
+    )
 
-    database_url: str = "sqlite:///./var/intake.db"
-    spool_dir: Path = Path("./var/spool")
+    database_url: str = Field(
+        default="sqlite:///./var/intake.db",
+        description="SQLAlchemy URL of the database that holds sites, tokens, the intake "
+        "log and the forwarding queue: SQLite, or PostgreSQL as "
+        "`postgresql+psycopg://user:pass@host/db`.",
+        json_schema_extra=_group(Group.STORAGE),
+    )
+    spool_dir: Path = Field(
+        default=Path("./var/spool"),
+        description="Directory where received files wait, fsynced, until the private "
+        "Orthanc has them; quarantined files stay there for an admin.",
+        json_schema_extra=_group(Group.STORAGE),
+    )
     # Refuse new uploads (507) before the spool's disk is actually full.
-    spool_min_free_bytes: int = Field(default=512 * MiB, ge=0)
-    auto_migrate: bool = True  # `serve` brings the schema up to date first
+    spool_min_free_bytes: int = Field(
+        default=512 * MiB,
+        ge=0,
+        description="Free bytes the spool's disk must keep: below this, new uploads get "
+        "507 with `Retry-After`, before the disk is actually full.",
+        json_schema_extra=_group(Group.STORAGE),
+    )
+    auto_migrate: bool = Field(
+        default=True,
+        description="Whether `serve` and the other commands first bring the database schema "
+        "up to date; turn it off when `orthanc-intake migrate` is run separately.",
+        json_schema_extra=_group(Group.STORAGE),
+    )
 
-    public_host: str = "0.0.0.0"  # noqa: S104 - the public listener is meant to be reachable
-    public_port: int = Field(default=8000, ge=0, le=65535)
-    admin_host: str = "127.0.0.1"
-    admin_port: int = Field(default=8001, ge=0, le=65535)
-    tls_certfile: Path | None = None
-    tls_keyfile: Path | None = None
+    public_host: str = Field(
+        default="0.0.0.0",  # noqa: S104 - the public listener is meant to be reachable
+        description="Address the public (upload) listener binds to; the default is every "
+        "IPv4 interface, since this is the listener sites reach.",
+        json_schema_extra=_group(Group.LISTENERS),
+    )
+    public_port: int = Field(
+        default=8000,
+        ge=0,
+        le=65535,
+        description="TCP port of the public listener (0 lets the system pick a free one).",
+        json_schema_extra=_group(Group.LISTENERS),
+    )
+    admin_host: str = Field(
+        default="127.0.0.1",
+        description="Address the admin listener (admin API, `/healthz`, `/readyz`, "
+        "`/metrics`) binds to; keep it on the loopback or a private network.",
+        json_schema_extra=_group(Group.LISTENERS),
+    )
+    admin_port: int = Field(
+        default=8001,
+        ge=0,
+        le=65535,
+        description="TCP port of the admin listener, never the public one.",
+        json_schema_extra=_group(Group.LISTENERS),
+    )
+    tls_certfile: Path | None = Field(
+        default=None,
+        description="PEM certificate (with its chain) for HTTPS on the public listener, "
+        "which speaks HTTPS only when this and `INTAKE_TLS_KEYFILE` are both set.",
+        json_schema_extra=_group(Group.LISTENERS),
+    )
+    tls_keyfile: Path | None = Field(
+        default=None,
+        description="PEM private key of `INTAKE_TLS_CERTFILE`; keep the file readable by "
+        "the service's user only.",
+        json_schema_extra=_group(Group.LISTENERS),
+    )
+    tls_client_cafile: Path | None = Field(
+        default=None,
+        description="PEM bundle of the CA(s) that sign sites' client certificates: turns on "
+        "mutual TLS on the public listener (needs `INTAKE_TLS_CERTFILE`). A site bound to a "
+        "certificate (`sites policy NAME --client-cert-sha256 …`) must present it as well "
+        "as its token.",
+        json_schema_extra=_group(Group.LISTENERS),
+    )
+    tls_client_cert: Literal["required", "optional"] = Field(
+        default="required",
+        description="With `INTAKE_TLS_CLIENT_CAFILE`: `required` refuses, in the handshake, "
+        "every connection without a certificate from that CA; `optional` lets sites that are "
+        "not bound to a certificate connect without one.",
+        json_schema_extra=_group(Group.LISTENERS),
+    )
+    tls_reload_check_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="How often the certificate and key files are checked for a renewal, "
+        "which is loaded without a restart (so is one on SIGHUP); a broken pair is logged "
+        "and the current certificate kept.",
+        json_schema_extra=_group(Group.LISTENERS),
+    )
     # What sites put in their OrthancPeers "Url"; derived from host/port when unset.
-    public_url: str | None = None
+    public_url: str | None = Field(
+        default=None,
+        description="The URL sites put in their `OrthancPeers` `Url` (`sites add` prints "
+        "it); when unset, it is derived from TLS, `INTAKE_PUBLIC_HOST` (127.0.0.1 for a "
+        "wildcard address) and `INTAKE_PUBLIC_PORT`, so set it behind a reverse proxy.",
+        json_schema_extra=_group(Group.LISTENERS),
+    )
 
     # Upload bounds.
-    max_instance_bytes: int = Field(default=2048 * MiB, gt=0)
+    max_instance_bytes: int = Field(
+        default=2048 * MiB,
+        gt=0,
+        description="Largest DICOM file, in bytes after gzip inflation, a site may upload; "
+        "a larger one gets 413 and nothing is stored (a site's policy may set less).",
+        json_schema_extra=_group(Group.UPLOADS),
+    )
     # A ZIP archive or multipart/STOW-RS body holds many instances (app/archive.py, parts.py).
-    max_request_bytes: int = Field(default=4096 * MiB, gt=0)
-    max_files_per_request: int = Field(default=10_000, ge=1)  # ZIP entries, multipart parts
-    max_archive_inflated_bytes: int = Field(default=16384 * MiB, gt=0)  # all entries together
-    max_archive_ratio: float = Field(default=250.0, gt=1)  # inflated/compressed, per entry
-    max_sequence_depth: int = Field(default=16, ge=1)
-    max_elements: int = Field(default=200_000, ge=1)
-    max_inflated_bytes: int = Field(default=256 * MiB, gt=0)
-    body_idle_timeout_seconds: float = Field(default=30.0, gt=0)
-    validation_workers: int = Field(default=2, ge=0)  # 0 validates in a thread (tests, tiny hosts)
+    max_request_bytes: int = Field(
+        default=4096 * MiB,
+        gt=0,
+        description="Largest ZIP archive or multipart / STOW-RS body, in bytes, compressed "
+        "and once inflated; such a request holds many instances.",
+        json_schema_extra=_group(Group.UPLOADS),
+    )
+    max_files_per_request: int = Field(
+        default=10_000,
+        ge=1,
+        description="Most ZIP entries or multipart parts in one request; more gets 413 "
+        "and nothing of the request is stored.",
+        json_schema_extra=_group(Group.UPLOADS),
+    )
+    max_archive_inflated_bytes: int = Field(
+        default=16384 * MiB,
+        gt=0,
+        description="Most bytes all of a ZIP archive's entries together may inflate to, "
+        "checked before any entry is inflated; more gets 413 `archive_too_large`.",
+        json_schema_extra=_group(Group.UPLOADS),
+    )
+    max_archive_ratio: float = Field(
+        default=250.0,
+        gt=1,
+        description="Largest inflated / compressed size ratio of one ZIP entry (entries "
+        "over 1 MiB inflated); a higher one is a ZIP bomb and the archive gets 413.",
+        json_schema_extra=_group(Group.UPLOADS),
+    )
+    max_sequence_depth: int = Field(
+        default=16,
+        ge=1,
+        description="Deepest nesting of sequences in a file; deeper gets 400 "
+        "`nesting_too_deep`, well before the 48 levels at which Orthanc 1.10.1 crashes.",
+        json_schema_extra=_group(Group.UPLOADS),
+    )
+    max_elements: int = Field(
+        default=200_000,
+        ge=1,
+        description="Most data elements (nested ones included) in one file, which bounds "
+        "the validator's effort; more gets 400 `too_many_elements`.",
+        json_schema_extra=_group(Group.UPLOADS),
+    )
+    max_inflated_bytes: int = Field(
+        default=256 * MiB,
+        gt=0,
+        description="Most bytes a data set in a Deflated transfer syntax may inflate to; "
+        "more gets 400 `inflate_limit`.",
+        json_schema_extra=_group(Group.UPLOADS),
+    )
+    body_idle_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds a request body may send nothing; a body that stalls longer "
+        "gets 408 and nothing of it is stored.",
+        json_schema_extra=_group(Group.UPLOADS),
+    )
+    validation_workers: int = Field(
+        default=2,
+        ge=0,
+        description="Validator processes; 0 validates in a thread of the server instead "
+        "(tests, tiny hosts).",
+        json_schema_extra=_group(Group.UPLOADS),
+    )
 
     # Forwarding.
-    forward_concurrency: int = Field(default=4, ge=1)
-    forward_retry_base_seconds: float = Field(default=1.0, gt=0)
-    forward_retry_max_seconds: float = Field(default=300.0, gt=0)
-    forward_max_attempts: int = Field(default=20, ge=1)  # answers from Orthanc that were errors
-    forward_lease_seconds: float = Field(default=300.0, gt=0)
-    forward_poll_seconds: float = Field(default=2.0, gt=0)
-    orphan_grace_seconds: float = Field(default=600.0, ge=0)
+    forward_concurrency: int = Field(
+        default=4,
+        ge=1,
+        description="Deliveries to the private Orthanc in flight at once.",
+        json_schema_extra=_group(Group.FORWARDING),
+    )
+    forward_retry_base_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        description="Seconds before the first retry of a failed delivery; the delay "
+        "doubles with each attempt, with jitter, up to `INTAKE_FORWARD_RETRY_MAX_SECONDS`.",
+        json_schema_extra=_group(Group.FORWARDING),
+    )
+    forward_retry_max_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="Longest delay, in seconds, between two attempts of a delivery.",
+        json_schema_extra=_group(Group.FORWARDING),
+    )
+    forward_max_attempts: int = Field(
+        default=20,
+        ge=1,
+        description="Error answers (5xx) from Orthanc after which an upload is quarantined "
+        "for an admin; an unreachable Orthanc does not count and is waited for "
+        "indefinitely.",
+        json_schema_extra=_group(Group.FORWARDING),
+    )
+    forward_lease_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="Seconds a claimed queue row stays claimed (renewed while its delivery "
+        "runs), so that the row comes back after this if its process died.",
+        json_schema_extra=_group(Group.FORWARDING),
+    )
+    forward_poll_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        description="Seconds between looks at the queue for due deliveries; a new upload "
+        "in the same process wakes the forwarder at once.",
+        json_schema_extra=_group(Group.FORWARDING),
+    )
+    orphan_grace_seconds: float = Field(
+        default=600.0,
+        ge=0,
+        description="At start-up, a spool file with no database row, or a half-received "
+        "one, is removed once older than this many seconds (a younger one may belong to "
+        "another process that is still committing it).",
+        json_schema_extra=_group(Group.STORAGE),
+    )
 
     # Access (app/access.py, app/sites.py).
     # CIDRs whose X-Forwarded-For is believed: comma-separated, e.g. "10.0.0.5,fd00::/64".
-    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    auth_cache_seconds: float = Field(default=5.0, ge=0)  # revocation takes effect within this
-    auth_max_failures: int = Field(default=10, ge=1)  # per address per minute, then blocked
-    auth_block_seconds: float = Field(default=300.0, gt=0)
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated addresses or CIDRs of reverse proxies whose "
+        "`X-Forwarded-For` is believed, e.g. `10.0.0.5,fd00::/64`; from any other "
+        "address the header is ignored.",
+        json_schema_extra=_group(Group.ACCESS),
+    )
+    auth_cache_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="Seconds a token lookup is cached: revocation, expiry, disabling and "
+        "policy changes take effect within this.",
+        json_schema_extra=_group(Group.ACCESS),
+    )
+    auth_max_failures: int = Field(
+        default=10,
+        ge=1,
+        description="Failed authentications from one address within a minute after which "
+        "it is blocked (429), except for tokens that already authenticated from there.",
+        json_schema_extra=_group(Group.ACCESS),
+    )
+    auth_block_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="Seconds an address stays blocked after too many failed authentications.",
+        json_schema_extra=_group(Group.ACCESS),
+    )
     token_touch_seconds: float = Field(
-        default=300.0, ge=0
-    )  # last_used_at written at most this often
-    token_lifetime_days: float = Field(default=365.0, gt=0)
-    token_rotation_grace_days: float = Field(default=30.0, ge=0)
-    upload_slot_ttl_seconds: float = Field(default=120.0, gt=0)  # renewed while an upload runs
+        default=300.0,
+        ge=0,
+        description="A token's `last_used_at` and `last_used_ip` are written at most once "
+        "in this many seconds, sparing the database a write per upload.",
+        json_schema_extra=_group(Group.ACCESS),
+    )
+    token_lifetime_days: float = Field(
+        default=365.0,
+        gt=0,
+        description="Days a new token is valid; after that it is refused.",
+        json_schema_extra=_group(Group.ACCESS),
+    )
+    token_rotation_grace_days: float = Field(
+        default=30.0,
+        ge=0,
+        description="Days a site's older tokens keep working after `sites rotate`, so that "
+        "the site can switch its Orthanc configuration without downtime.",
+        json_schema_extra=_group(Group.ACCESS),
+    )
+    upload_slot_ttl_seconds: float = Field(
+        default=120.0,
+        gt=0,
+        description="Seconds a concurrent-upload slot lives unless renewed, which it is "
+        "while its upload runs, so the slots of a process that died are freed.",
+        json_schema_extra=_group(Group.ACCESS),
+    )
 
     # Admin listener (app/admins.py).
-    admin_allowed_cidrs: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    admin_password_cache_seconds: float = Field(default=60.0, ge=0)
+    admin_allowed_cidrs: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated networks allowed to call the admin API (403 for "
+        "others); empty allows any address that reaches the admin listener.",
+        json_schema_extra=_group(Group.ADMIN),
+    )
+    admin_password_cache_seconds: float = Field(
+        default=60.0,
+        ge=0,
+        description="Seconds a correct admin password is remembered, so that the argon2 "
+        "hash is paid once rather than on every request.",
+        json_schema_extra=_group(Group.ADMIN),
+    )
 
     # Study-arrived webhooks (app/webhooks.py).
-    # A study is "quiet" when no instance of it arrived for this long.
-    study_quiet_seconds: float = Field(default=300.0, gt=0)
-    # Comma-separated http(s) URLs that get a signed POST per quiet, settled study.
-    webhook_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    webhook_secret: SecretStr | None = None  # HMAC-SHA256 key; required with webhook_urls
-    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
-    webhook_max_attempts: int = Field(default=10, ge=1)
-    webhook_retry_base_seconds: float = Field(default=5.0, gt=0)
-    webhook_retry_max_seconds: float = Field(default=3600.0, gt=0)
-    webhook_poll_seconds: float = Field(default=5.0, gt=0)
+    study_quiet_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description='Seconds without a new instance after which a study is "quiet" '
+        "(studies view); a quiet study with nothing of it still queued triggers the "
+        "webhooks.",
+        json_schema_extra=_group(Group.WEBHOOKS),
+    )
+    webhook_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated http(s) URLs that each get a signed POST per quiet, "
+        "settled study; they need `INTAKE_WEBHOOK_SECRET`.",
+        json_schema_extra=_group(Group.WEBHOOKS),
+    )
+    webhook_secret: SecretStr | None = Field(
+        default=None,
+        description="HMAC-SHA256 key, 16 characters or more, that signs every webhook body "
+        "(`X-Intake-Signature`); required with `INTAKE_WEBHOOK_URLS`, since receivers "
+        "check the signature.",
+        json_schema_extra=_group(Group.WEBHOOKS),
+    )
+    webhook_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds one webhook delivery attempt may take before it counts as failed.",
+        json_schema_extra=_group(Group.WEBHOOKS),
+    )
+    webhook_max_attempts: int = Field(
+        default=10,
+        ge=1,
+        description="Attempts per webhook delivery; after the last one it is `failed` "
+        "(listed by `/api/webhooks/deliveries`).",
+        json_schema_extra=_group(Group.WEBHOOKS),
+    )
+    webhook_retry_base_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds before the first retry of a webhook delivery; the delay "
+        "doubles with each attempt, with jitter, up to `INTAKE_WEBHOOK_RETRY_MAX_SECONDS`.",
+        json_schema_extra=_group(Group.WEBHOOKS),
+    )
+    webhook_retry_max_seconds: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Longest delay, in seconds, between two attempts of a webhook delivery.",
+        json_schema_extra=_group(Group.WEBHOOKS),
+    )
+    webhook_poll_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds between looks for due webhook deliveries; quiet studies are "
+        "looked for every tenth of `INTAKE_STUDY_QUIET_SECONDS`, or this if longer.",
+        json_schema_extra=_group(Group.WEBHOOKS),
+    )
 
-    log_level: str = "INFO"
+    log_level: str = Field(
+        default="INFO",
+        description="Level of the service's log on standard error: `DEBUG`, `INFO`, "
+        "`WARNING` or `ERROR` (any case).",
+        json_schema_extra=_group(Group.LOGGING),
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="`text` for people, `json` for log pipelines: one object per line, with "
+        "the request ID on every line and one `upload` event per file (site, UIDs, size, "
+        "outcome, latency; never patient names or secrets).",
+        json_schema_extra=_group(Group.LOGGING),
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        environments = [
+            source
+            for source in (env_settings, dotenv_settings)
+            if isinstance(source, EnvSettingsSource)
+        ]
+        secret_files = SecretFiles(settings_cls, environments)
+        return init_settings, env_settings, dotenv_settings, secret_files, file_secret_settings
 
     @field_validator("trusted_proxies", "admin_allowed_cidrs", "webhook_urls", mode="before")
     @classmethod
@@ -115,8 +497,8 @@ class Settings(BaseSettings):
             self.webhook_secret and len(self.webhook_secret.get_secret_value()) >= 16
         ):
             raise ValueError(
-                "INTAKE_WEBHOOK_URLS needs INTAKE_WEBHOOK_SECRET (16 characters or more): "
-                "receivers check the signature"
+                "INTAKE_WEBHOOK_URLS needs INTAKE_WEBHOOK_SECRET (or INTAKE_WEBHOOK_SECRET_FILE) "
+                "of 16 characters or more: receivers check the signature"
             )
         return self
 
@@ -131,7 +513,7 @@ class Settings(BaseSettings):
         if "@" in value.split("//", 1)[-1].split("/", 1)[0]:
             raise ValueError(
                 "put the Orthanc credentials in INTAKE_ORTHANC_USERNAME / "
-                "INTAKE_ORTHANC_PASSWORD, not in the URL"
+                "INTAKE_ORTHANC_PASSWORD (or INTAKE_ORTHANC_PASSWORD_FILE), not in the URL"
             )
         return value.rstrip("/")
 
