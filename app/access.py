@@ -19,6 +19,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from app import auth, sites
 from app.errors import (
     AddressNotAllowed,
+    ClientCertificateMismatch,
+    ClientCertificateRequired,
     ServiceUnavailable,
     TooManyFailedLogins,
     Unauthenticated,
@@ -63,8 +65,10 @@ class Access:
         return parsed is not None and any(parsed in net for net in self._trusted)
 
     async def authenticate(
-        self, authorization: str | None, address: str | None
+        self, authorization: str | None, address: str | None, client_cert: str | None = None
     ) -> AuthenticatedSite:
+        """The site behind the credentials; ``client_cert`` is the TLS client certificate's
+        SHA-256 when one was presented in the handshake (already verified against the CA)."""
         credentials = auth.parse_authorization(authorization)
         well_formed = credentials is not None and auth.is_well_formed(credentials.token)
         digest = auth.digest(credentials.token) if credentials and well_formed else None
@@ -93,6 +97,11 @@ class Access:
             log.warning(
                 "security: site=%s refused from address %s (allow-list)", site.name, address
             )
+            raise
+        try:
+            site.policy.check_client_cert(site.name, client_cert)
+        except (ClientCertificateRequired, ClientCertificateMismatch):
+            log.warning("security: site=%s refused: client certificate", site.name)
             raise
         self.throttle.succeeded(address, digest)
         self._touch(site, address)

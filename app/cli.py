@@ -1,21 +1,25 @@
-"""The ``orthanc-intake`` command: serve, migrate, sites and admins."""
+"""The ``orthanc-intake`` command: serve, migrate, sites, admins, and upload (for sites)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
-import logging
+import ssl
 import sys
 from collections.abc import Iterator
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
 from sqlalchemy.orm import Session
 
-from app import admins, migrations, sites
+from app import admins, logs, migrations, sites, uploader
 from app.db import make_engine, make_sessionmaker
 from app.settings import Settings
 
@@ -30,17 +34,16 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for machines."
 
 
 def _settings() -> Settings:
-    return Settings()
+    try:
+        return Settings()
+    except (ValidationError, SettingsError) as exc:
+        # hide_input_in_errors: the message names variables, never their values.
+        typer.echo(f"error: invalid configuration: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # httpx logs every request line at INFO; the forwarder logs its own.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logs.configure(settings.log_level, settings.log_format)
 
 
 @contextlib.contextmanager
@@ -181,6 +184,16 @@ def sites_revoke(
         typer.echo(f"revoked {count} token(s) of {name!r}")
 
 
+def _fingerprint(pem_file: Path) -> str:
+    """SHA-256 of the first certificate in a PEM file, as the TLS layer computes it."""
+    try:
+        der = ssl.PEM_cert_to_DER_cert(pem_file.read_text(encoding="ascii"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        typer.echo(f"error: {pem_file} does not hold a PEM certificate", err=True)
+        raise typer.Exit(2) from exc
+    return hashlib.sha256(der).hexdigest()
+
+
 def _show(view: sites.SiteView, as_json: bool) -> None:
     if as_json:
         _print_json(view)
@@ -190,11 +203,12 @@ def _show(view: sites.SiteView, as_json: bool) -> None:
     typer.echo(f"  policy: {json.dumps(policy) if policy else 'no restrictions'}")
     for t in view.tokens:
         state = "revoked" if t.revoked_at else f"expires {t.expires_at:%Y-%m-%d %H:%M}"
-        used = f"last used {t.last_used_at:%Y-%m-%d %H:%M} from {t.last_used_ip}"
-        typer.echo(
-            f"  token {t.prefix}…  {t.label or ''}  {state}  "
-            f"{used if t.last_used_at else 'never used'}"
+        used = (
+            f"last used {t.last_used_at:%Y-%m-%d %H:%M} from {t.last_used_ip}"
+            if t.last_used_at
+            else "never used"
         )
+        typer.echo(f"  token {t.prefix}…  {t.label or ''}  {state}  {used}")
 
 
 @sites_cli.command("list")
@@ -257,6 +271,21 @@ def sites_policy(
     instances_per_minute: Annotated[int | None, typer.Option(min=1)] = None,
     bytes_per_day: Annotated[int | None, typer.Option(min=1)] = None,
     max_concurrent_uploads: Annotated[int | None, typer.Option(min=1)] = None,
+    client_cert_sha256: Annotated[
+        str | None,
+        typer.Option(
+            help="Mutual TLS: bind the site to this client certificate (SHA-256 of its DER, "
+            "hex, colons allowed); it must then present it as well as its token."
+        ),
+    ] = None,
+    client_cert: Annotated[
+        Path | None,
+        typer.Option(
+            help="Mutual TLS: bind the site to the client certificate in this PEM file.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
     clear: Annotated[
         list[str] | None,
         typer.Option(help="Remove a restriction, e.g. --clear allowed_cidrs (repeat)."),
@@ -268,7 +297,7 @@ def sites_policy(
     for key in clear or []:
         if key in sites.POLICY_LISTS:
             changes[key] = []
-        elif key in sites.POLICY_LIMITS:
+        elif key in (*sites.POLICY_LIMITS, *sites.POLICY_BINDINGS):
             changes[key] = None
         else:
             typer.echo(f"error: cannot clear {key!r}", err=True)
@@ -281,7 +310,10 @@ def sites_policy(
         "instances_per_minute": instances_per_minute,
         "bytes_per_day": bytes_per_day,
         "max_concurrent_uploads": max_concurrent_uploads,
+        "client_cert_sha256": client_cert_sha256,
     }
+    if client_cert is not None:
+        given["client_cert_sha256"] = _fingerprint(client_cert)
     changes.update({k: v for k, v in given.items() if v is not None})
     with _session() as (_, session):
         try:
@@ -359,6 +391,88 @@ def admins_remove(name: str, as_json: JsonOpt = False) -> None:
         _print_json({"removed": name})
     else:
         typer.echo(f"admin {name!r} removed")
+
+
+@cli.command()
+def upload(
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            exists=True,
+            readable=True,
+            help="DICOM files, folders (searched recursively) and ZIP archives.",
+            show_default=False,
+        ),
+    ],
+    url: Annotated[str, typer.Option(help="The intake's URL, e.g. https://intake.example.org/.")],
+    site: Annotated[str, typer.Option(help="Your site's name (the HTTP Basic user name).")],
+    token: Annotated[
+        str,
+        typer.Option(
+            envvar="INTAKE_UPLOAD_TOKEN",
+            show_envvar=True,
+            help="Your site's token. Prefer the environment variable: it keeps the token "
+            "out of shell history and process lists.",
+        ),
+    ],
+    concurrency: Annotated[int, typer.Option(min=1, max=64, help="Files in flight.")] = 4,
+    retries: Annotated[
+        int, typer.Option(min=0, help="Retries of a file after a transient failure.")
+    ] = 5,
+    timeout: Annotated[
+        float, typer.Option(min=1, help="Seconds to wait for the server, per request.")
+    ] = 60.0,
+    cacert: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="CA certificate (PEM) to trust instead of the system's.",
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+    no_progress: Annotated[
+        bool, typer.Option("--no-progress", help="No progress bar (none when not on a terminal).")
+    ] = False,
+) -> None:
+    """Send DICOM files to an intake, for a site without an Orthanc.
+
+    Folders are searched recursively; in them, files without the DICM prefix and
+    DICOMDIR indexes are skipped. ZIP archives are sent whole. Transient failures (lost
+    connections, timeouts, 408, 429, 502, 503, 504, 507) are retried with back-off,
+    honouring Retry-After up to 60 s. Exit status: 0 when everything was accepted, a
+    duplicate or skipped; 1 when something was rejected, quarantined or failed; 2 for a
+    usage error; 3 when the site name or token was refused.
+    """
+    try:
+        uploader.instances_url(url)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--url") from exc
+    try:
+        report = uploader.upload(
+            paths,
+            url,
+            site,
+            token,
+            concurrency=concurrency,
+            retries=retries,
+            timeout=timeout,
+            cacert=cacert,
+            progress=not no_progress and sys.stdout.isatty(),
+        )
+    except ssl.SSLError as exc:  # only loading --cacert raises it; TLS failures are reported
+        raise typer.BadParameter(f"not a PEM certificate: {exc}", param_hint="--cacert") from exc
+    if report.auth_error is not None:
+        typer.echo(
+            f"error: authentication failed for site {site!r}: {report.auth_error}. "
+            "Check --site and the token; nothing more was sent.",
+            err=True,
+        )
+    if as_json:
+        typer.echo(json.dumps(report.as_json(), indent=2))
+    else:
+        typer.echo(report.summary())
+    raise typer.Exit(report.exit_code)
 
 
 def main() -> None:

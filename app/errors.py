@@ -12,6 +12,8 @@ listener puts in its Orthanc-shaped JSON. Nothing here imports FastAPI.
     ├── Forbidden ................... 403  (authenticated, but the site's policy says no)
     │   ├── AddressNotAllowed         client address outside the site's allow-list
     │   ├── ContentNotAllowed         modality / SOP Class outside the site's allow-list
+    │   ├── ClientCertificateRequired the site is bound to a client certificate; none was sent
+    │   ├── ClientCertificateMismatch a client certificate other than the site's was sent
     │   └── AdminForbidden            client address outside the admin allow-list
     ├── BadRequest .................. 400  (admin: an operation that cannot be done as asked)
     │   └── InvalidCursor             a pagination cursor the API did not hand out
@@ -113,6 +115,14 @@ class AddressNotAllowed(Forbidden):
 
 class ContentNotAllowed(Forbidden):
     reason = "content_not_allowed"
+
+
+class ClientCertificateRequired(Forbidden):
+    reason = "client_certificate_required"
+
+
+class ClientCertificateMismatch(Forbidden):
+    reason = "client_certificate_mismatch"
 
 
 class AdminForbidden(Forbidden):

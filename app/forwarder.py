@@ -27,6 +27,7 @@ from pathlib import Path
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from app import logs
 from app.errors import ForwardError, OrthancRefused
 from app.metrics import Metrics
 from app.models import State, Upload, utcnow
@@ -46,6 +47,7 @@ class _Claim:
     expected_id: str | None
     attempts: int
     failed_answers: int
+    request_id: str | None = None
 
 
 class LeaseLost(Exception):
@@ -139,6 +141,7 @@ class Forwarder:
                 expected_id=row.orthanc_instance_id,
                 attempts=row.attempts,
                 failed_answers=row.failed_answers,
+                request_id=row.request_id,
             )
             session.commit()
         return claim
@@ -171,6 +174,8 @@ class Forwarder:
     async def deliver(self, claim: _Claim) -> None:
         """One attempt at one claimed row; afterwards the row holds no lease of ours."""
         heartbeat = asyncio.create_task(self._keep_lease(claim))
+        # This delivery's log lines carry the ID of the request that brought the file.
+        traced = logs.request_id.set(claim.request_id)
         try:
             await self._attempt(claim)
         except LeaseLost as exc:
@@ -181,6 +186,7 @@ class Forwarder:
             with contextlib.suppress(Exception):  # else the lease runs out; same outcome
                 await asyncio.to_thread(self._retry_later, claim, error)
         finally:
+            logs.request_id.reset(traced)
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await heartbeat
@@ -225,12 +231,20 @@ class Forwarder:
             )
         await asyncio.to_thread(self._mark_forwarded, claim, stored.id, stored.status)
         self._orthanc_down_logged = False
+        latency_ms = round((time.perf_counter() - started) * 1000, 1)
         log.info(
             "forwarded receipt=%s orthanc_id=%s status=%s ms=%.1f",
             claim.receipt,
             stored.id,
             stored.status,
-            (time.perf_counter() - started) * 1000,
+            latency_ms,
+            extra={
+                "event": "forwarded",
+                "receipt": claim.receipt,
+                "orthanc_id": stored.id,
+                "status": stored.status,
+                "latency_ms": latency_ms,
+            },
         )
 
     async def _same_bytes(self, instance_id: str, path: Path) -> bool:

@@ -28,7 +28,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from app import archive, dicom, parts, usage
+from app import archive, dicom, logs, parts, usage
 from app.errors import (
     DicomdirNotAnInstance,
     InstanceTooLarge,
@@ -352,6 +352,7 @@ class Intake:
         if result.state is State.QUEUED:
             self._on_queued()
         self._metrics.record_upload(site.name, result.state, time.perf_counter() - started)
+        latency_ms = round((time.perf_counter() - started) * 1000, 1)
         log.info(
             "upload site=%s receipt=%s sop=%s study=%s bytes=%d state=%s ms=%.1f",
             site.name,
@@ -360,7 +361,19 @@ class Intake:
             summary.study_instance_uid,
             received.byte_size,
             result.state.value,
-            (time.perf_counter() - started) * 1000,
+            latency_ms,
+            extra={  # the upload event (app/logs.py): UIDs, never patient identifiers
+                "event": "upload",
+                "site": site.name,
+                "receipt": ctx.receipt,
+                "sop_instance_uid": summary.sop_instance_uid,
+                "series_instance_uid": summary.series_instance_uid,
+                "study_instance_uid": summary.study_instance_uid,
+                "sop_class_uid": summary.sop_class_uid,
+                "bytes": received.byte_size,
+                "outcome": result.state.value,
+                "latency_ms": latency_ms,
+            },
         )
         return result
 
@@ -382,6 +395,17 @@ class Intake:
             ctx.receipt,
             exc.reason,
             exc.detail,
+            extra={
+                "event": "upload",
+                "site": ctx.site.name,
+                "receipt": ctx.receipt,
+                "sop_instance_uid": summary.sop_instance_uid if summary else None,
+                "study_instance_uid": summary.study_instance_uid if summary else None,
+                "bytes": received.byte_size if received else None,
+                "outcome": "rejected",
+                "reason": exc.reason,
+                "status": exc.status_code,
+            },
         )
 
     def _persist(self, ctx: _Context, received: Received, summary: dicom.Summary) -> Receipt:
@@ -393,6 +417,7 @@ class Intake:
         )
         row = Upload(
             receipt=ctx.receipt,
+            request_id=logs.request_id.get(),
             site_id=ctx.site.site_id,
             remote_addr=ctx.remote_addr,
             received_at=ctx.received_at,
@@ -510,6 +535,7 @@ class Intake:
                     Upload(
                         **uids,
                         receipt=ctx.receipt,
+                        request_id=logs.request_id.get(),
                         site_id=ctx.site.site_id,
                         remote_addr=ctx.remote_addr,
                         received_at=ctx.received_at,

@@ -6,15 +6,17 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import uvicorn
 from fastapi import FastAPI
 
-from app import __version__
-from app.api import admin, public
+from app import __version__, tls
+from app.api import admin, dicomweb, pages, public
 from app.api.admin.deps import install_admin_errors
 from app.api.errors import install_orthanc_errors
+from app.api.request_ids import RequestIdMiddleware
 from app.service import Service
 from app.settings import Settings
 
@@ -52,7 +54,10 @@ def create_public_app(settings: Settings, service: Service | None = None) -> Fas
         lifespan=_lifespan(settings, service),
     )
     app.router.redirect_slashes = False
+    app.add_middleware(RequestIdMiddleware)
     app.include_router(public.router)
+    app.include_router(dicomweb.router)
+    app.include_router(pages.router)
     install_orthanc_errors(app)
     return app
 
@@ -69,6 +74,7 @@ def create_admin_app(settings: Settings, service: Service | None = None) -> Fast
         ),
         lifespan=_lifespan(settings, service),
     )
+    app.add_middleware(RequestIdMiddleware)
     app.include_router(admin.router)
     install_admin_errors(app)
     return app
@@ -82,23 +88,28 @@ class _Server(uvicorn.Server):
         yield
 
 
-def _config(app: FastAPI, host: str, port: int, settings: Settings, tls: bool) -> uvicorn.Config:
+def _config(
+    app: FastAPI, host: str, port: int, context: ssl.SSLContext | None = None
+) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         host=host,
         port=port,
         log_config=None,
         access_log=False,
-        proxy_headers=False,  # X-Forwarded-For is trusted only per configuration (later)
+        proxy_headers=False,  # X-Forwarded-For is trusted only per configuration
         server_header=False,
         timeout_keep_alive=75,  # longer than an Orthanc peer's idle gap between instances
-        ssl_certfile=str(settings.tls_certfile) if tls and settings.tls_certfile else None,
-        ssl_keyfile=str(settings.tls_keyfile) if tls and settings.tls_keyfile else None,
+        # Our own context (app/tls.py), kept by reference so a renewed certificate can be
+        # loaded into it; the protocol adds the client certificate's fingerprint.
+        ssl_context_factory=None if context is None else (lambda _config, _default: context),
+        http=tls.ClientCertProtocol if context is not None else "auto",
     )
 
 
 async def serve(settings: Settings) -> None:
     """Run the public and admin listeners and the forwarder until SIGINT/SIGTERM."""
+    context = tls.make_context(settings) if settings.tls_enabled else None
     service = Service(settings)
     await service.start()
     public_server = _Server(
@@ -106,18 +117,11 @@ async def serve(settings: Settings) -> None:
             create_public_app(settings, service),
             settings.public_host,
             settings.public_port,
-            settings,
-            settings.tls_enabled,
+            context,
         )
     )
     admin_server = _Server(
-        _config(
-            create_admin_app(settings, service),
-            settings.admin_host,
-            settings.admin_port,
-            settings,
-            False,
-        )
+        _config(create_admin_app(settings, service), settings.admin_host, settings.admin_port)
     )
     loop = asyncio.get_running_loop()
 
@@ -127,6 +131,11 @@ async def serve(settings: Settings) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, _stop)
+    watcher: asyncio.Task[None] | None = None
+    if context is not None:
+        reloader = tls.CertificateReloader(context, settings)
+        loop.add_signal_handler(signal.SIGHUP, reloader.reload)
+        watcher = asyncio.create_task(reloader.watch(settings.tls_reload_check_seconds))
     log.info(
         "public listener on %s:%s (%s), admin listener on %s:%s",
         settings.public_host,
@@ -138,4 +147,6 @@ async def serve(settings: Settings) -> None:
     try:
         await asyncio.gather(public_server.serve(), admin_server.serve())
     finally:
+        if watcher is not None:
+            watcher.cancel()
         await service.stop()

@@ -101,6 +101,8 @@ class Site(Base):
     instances_per_minute: Mapped[int | None] = mapped_column(Integer)
     bytes_per_day: Mapped[int | None] = mapped_column(BigInteger)
     max_concurrent_uploads: Mapped[int | None] = mapped_column(Integer)
+    # Mutual TLS: SHA-256 of the DER client certificate this site must present (lowercase hex).
+    client_cert_sha256: Mapped[str | None] = mapped_column(String(64))
 
     tokens: Mapped[list[SiteToken]] = relationship(back_populates="site")
 
@@ -232,6 +234,8 @@ class Upload(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     receipt: Mapped[str] = mapped_column(String(32), unique=True)
+    # The request that brought the file (app/logs.py): its log lines and the forwarder's.
+    request_id: Mapped[str | None] = mapped_column(String(64))
     site_id: Mapped[int] = mapped_column(ForeignKey("sites.id"))
     remote_addr: Mapped[str | None] = mapped_column(String(64))
     received_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)

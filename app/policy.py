@@ -6,12 +6,18 @@ with it); the limits it names are enforced by app/usage.py in the shared databas
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from app.dicom import Summary
-from app.errors import AddressNotAllowed, ContentNotAllowed
+from app.errors import (
+    AddressNotAllowed,
+    ClientCertificateMismatch,
+    ClientCertificateRequired,
+    ContentNotAllowed,
+)
 from app.models import Site
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -48,6 +54,7 @@ class SitePolicy:
     instances_per_minute: int | None = None
     bytes_per_day: int | None = None
     max_concurrent_uploads: int | None = None
+    client_cert_sha256: str | None = None  # mutual TLS: the certificate this site must present
 
     @classmethod
     def of(cls, site: Site) -> SitePolicy:
@@ -59,6 +66,7 @@ class SitePolicy:
             instances_per_minute=site.instances_per_minute,
             bytes_per_day=site.bytes_per_day,
             max_concurrent_uploads=site.max_concurrent_uploads,
+            client_cert_sha256=site.client_cert_sha256,
         )
 
     def check_address(self, site: str, address: str | None) -> None:
@@ -68,6 +76,19 @@ class SitePolicy:
         if parsed is None or not any(parsed in network for network in self.networks):
             raise AddressNotAllowed(
                 f"site {site!r} may not upload from {address}: not in its address allow-list"
+            )
+
+    def check_client_cert(self, site: str, presented_sha256: str | None) -> None:
+        """The second factor: a site bound to a certificate must have shown it in the handshake."""
+        if self.client_cert_sha256 is None:
+            return
+        if presented_sha256 is None:
+            raise ClientCertificateRequired(
+                f"site {site!r} must present its client certificate (mutual TLS)"
+            )
+        if not hmac.compare_digest(presented_sha256, self.client_cert_sha256):
+            raise ClientCertificateMismatch(
+                f"the client certificate presented is not the one bound to site {site!r}"
             )
 
     def check_content(self, site: str, summary: Summary) -> None:

@@ -29,6 +29,16 @@ POLICY_LIMITS = (
     "max_concurrent_uploads",
 )
 POLICY_LISTS = ("allowed_cidrs", "allowed_modalities", "allowed_sop_classes")
+POLICY_BINDINGS = ("client_cert_sha256",)
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def normalise_fingerprint(value: str) -> str:
+    """``AB:CD:…`` or ``abcd…`` (as openssl and browsers print SHA-256 fingerprints)."""
+    cleaned = value.strip().lower().replace(":", "").removeprefix("sha256=")
+    if not _SHA256_HEX.match(cleaned):
+        raise SiteError("a client certificate fingerprint is 64 hex digits (SHA-256 of the DER)")
+    return cleaned
 
 
 class SiteError(ValueError):
@@ -112,7 +122,7 @@ def _view(site: Site) -> SiteView:
         created_at=site.created_at,
         disabled_at=site.disabled_at,
         deleted_at=site.deleted_at,
-        policy={k: getattr(site, k) for k in (*POLICY_LISTS, *POLICY_LIMITS)},
+        policy={k: getattr(site, k) for k in (*POLICY_LISTS, *POLICY_LIMITS, *POLICY_BINDINGS)},
         tokens=tuple(
             TokenView(
                 id=t.id,
@@ -243,6 +253,8 @@ def set_policy(session: Session, name: str, **changes: Any) -> SiteView:
             value = sorted({str(v).strip().upper() for v in value if str(v).strip()})
         elif key == "allowed_sop_classes":
             value = sorted({str(v).strip() for v in value if str(v).strip()})
+        elif key == "client_cert_sha256":
+            value = None if value is None else normalise_fingerprint(str(value))
         else:
             raise SiteError(f"unknown policy field {key!r}")
         setattr(site, key, value)

@@ -15,6 +15,7 @@ from app.errors import MalformedMultipart
 from app.intake import Batch, Item, Receipt, Refusal
 from app.parts import MediaType
 from app.service import Service
+from app.tls import CLIENT_CERT_STATE
 
 log = logging.getLogger(__name__)
 router = APIRouter(redirect_slashes=False)
@@ -27,7 +28,11 @@ async def get_site(request: Request, service: ServiceDep) -> sites.Authenticated
     forwarded = ",".join(request.headers.getlist("x-forwarded-for")) or None
     address = service.access.client_address(peer, forwarded)
     request.state.client_address = address
-    return await service.access.authenticate(request.headers.get("authorization"), address)
+    return await service.access.authenticate(
+        request.headers.get("authorization"),
+        address,
+        getattr(request.state, CLIENT_CERT_STATE, None),  # set by app/tls.py's protocol
+    )
 
 
 SiteDep = Annotated[sites.AuthenticatedSite, Depends(get_site)]

@@ -1,0 +1,78 @@
+"""Log records: plain text for people, or one JSON object per line for log pipelines.
+
+Every record carries the request ID of the request it belongs to (a context variable
+set by the public and admin listeners, and by the forwarder from the upload's row, so a
+forward can be traced back to the request that brought the file). Fields given with
+``extra=`` (e.g. the upload event's site, UIDs, size, outcome and latency) become JSON
+keys. Never log patient names, tokens or passwords: nothing here filters them out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import uuid
+from contextvars import ContextVar
+from datetime import UTC, datetime
+
+request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "request_id"}
+
+
+def accept_request_id(offered: str | None) -> str:
+    """The client's (or proxy's) ID when it is short and plain; else a new one."""
+    if offered and _VALID_ID.match(offered):
+        return offered
+    return uuid.uuid4().hex
+
+
+class _WithRequestId(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        payload: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        rid = getattr(record, "request_id", None)
+        if rid:
+            payload["request_id"] = rid
+        for key, value in vars(record).items():
+            if key not in _STANDARD and not key.startswith("_") and value is not None:
+                payload[key] = value
+        if record.exc_info:
+            payload["exception"] = self.formatException(record.exc_info)
+        return json.dumps(payload, default=str, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        rid = getattr(record, "request_id", None)
+        return f"{line} [request_id={rid}]" if rid else line
+
+
+def configure(level: str, fmt: str) -> None:
+    """Set up the root logger once: stderr, the chosen format, request IDs on every line."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(_WithRequestId())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # httpx logs every request line at INFO; the forwarder logs its own.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -1,0 +1,96 @@
+"""Structured logs: one JSON event per upload, request IDs carried to the forwarder."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from app import logs
+from tests.support.intake import IntakeProcess, wait_until
+from tests.support.orthanc import OrthancProcess
+from tests.support.studies import make_study
+
+
+def _record(**extra: Any) -> logging.LogRecord:
+    record = logging.makeLogRecord({"msg": "upload site=%s", "args": ("a",), **extra})
+    record.request_id = "req-1"
+    return record
+
+
+def test_the_json_formatter_writes_one_object_with_the_extra_fields() -> None:
+    line = logs.JsonFormatter().format(_record(event="upload", bytes=12, reason=None))
+    payload = json.loads(line)
+    assert payload["message"] == "upload site=a"
+    assert payload["request_id"] == "req-1"
+    assert payload["event"] == "upload"
+    assert payload["bytes"] == 12
+    assert "reason" not in payload  # None fields are left out
+    assert "\n" not in line
+
+
+def test_the_text_formatter_appends_the_request_id() -> None:
+    assert logs.TextFormatter().format(_record()).endswith("upload site=a [request_id=req-1]")
+
+
+@pytest.mark.parametrize(
+    ("offered", "kept"),
+    [("abc-123", True), ("a" * 64, True), ("a" * 65, False), ("two words", False), (None, False)],
+)
+def test_only_plain_short_request_ids_are_kept(offered: str | None, kept: bool) -> None:
+    chosen = logs.accept_request_id(offered)
+    assert (chosen == offered) is kept
+    assert 1 <= len(chosen) <= 64
+
+
+def _events(intake: IntakeProcess) -> list[dict[str, Any]]:
+    lines = [line for line in intake.log_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in lines]  # every line must be JSON
+
+
+def test_an_upload_is_one_json_event_and_its_forward_carries_the_request_id(
+    make_intake: Callable[..., IntakeProcess], private_orthanc: OrthancProcess
+) -> None:
+    intake = make_intake(private_orthanc, log_format="json")
+    site = intake.add_site("logged")
+    data = make_study(n_series=1, per_series=1)[0]
+    response = intake.upload(site, data, headers={"X-Request-ID": "trace-42"})
+    assert response.status_code == 200
+    assert response.headers["x-request-id"] == "trace-42"
+    answer = response.json()
+    forwarded = wait_until(
+        lambda: [e for e in _events(intake) if e.get("event") == "forwarded"], timeout=60
+    )
+    (upload,) = [e for e in _events(intake) if e.get("event") == "upload"]
+    assert upload["request_id"] == "trace-42"
+    assert upload["site"] == "logged"
+    assert upload["outcome"] == "queued"
+    assert upload["bytes"] == len(data)
+    assert upload["latency_ms"] >= 0
+    assert upload["receipt"] == answer["IntakeReceipt"]
+    assert upload["sop_instance_uid"]
+    assert forwarded[0]["request_id"] == "trace-42"
+    assert forwarded[0]["orthanc_id"] == answer["ID"]
+    text = intake.log_text()
+    assert "Test^Intake" not in text  # no patient names
+    assert "INTAKE-TEST" not in text  # nor patient IDs
+    assert site.token not in text
+    assert private_orthanc.password not in text
+
+
+def test_a_refusal_is_an_event_too_and_every_answer_has_an_id(
+    make_intake: Callable[..., IntakeProcess], private_orthanc: OrthancProcess
+) -> None:
+    intake = make_intake(private_orthanc, log_format="json")
+    site = intake.add_site("refused")
+    response = intake.upload(site, b"not dicom", headers={"X-Request-ID": "has spaces"})
+    assert response.status_code == 400
+    generated = response.headers["x-request-id"]
+    assert generated != "has spaces"
+    wait_until(lambda: any(e.get("event") == "upload" for e in _events(intake)), timeout=10)
+    (event,) = [e for e in _events(intake) if e.get("event") == "upload"]
+    assert (event["outcome"], event["reason"], event["status"]) == ("rejected", "not_dicom", 400)
+    assert event["request_id"] == generated
