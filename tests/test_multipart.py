@@ -6,7 +6,7 @@ import gzip
 from collections.abc import Callable
 
 from tests.support.archives import make_zip
-from tests.support.intake import IntakeProcess, Site, wait_until
+from tests.support.intake import IntakeProcess, Site, peak_rss, wait_until
 from tests.support.orthanc import OrthancProcess
 from tests.support.studies import make_study
 
@@ -167,6 +167,8 @@ def test_a_gzip_bomb_of_a_form_is_capped_once_inflated(
     site = intake.add_site("form-bomb")
     field = ("padding", None, bytes(64 * 1024 * 1024))  # a plain field: parsed, never stored
     body = gzip.compress(_form([field]), compresslevel=9)
+    assert intake.pid is not None
+    before = peak_rss(intake.pid)
     response = intake.upload(
         site,
         body,
@@ -177,3 +179,4 @@ def test_a_gzip_bomb_of_a_form_is_capped_once_inflated(
     )
     assert response.status_code == 413
     assert "inflates past the limit of 8388608 bytes" in response.json()["Details"]
+    assert peak_rss(intake.pid) - before < 32 * 1024 * 1024

@@ -10,7 +10,7 @@ from sqlalchemy import create_engine, select
 
 from app.models import Upload
 from tests.support.archives import empty_zip, make_zip, overlapping_zip
-from tests.support.intake import IntakeProcess, Site, wait_until
+from tests.support.intake import IntakeProcess, Site, peak_rss, wait_until
 from tests.support.orthanc import OrthancProcess
 from tests.support.studies import make_study
 
@@ -214,23 +214,15 @@ def test_every_entry_counts_against_the_sites_rate(
     assert int(again.headers["retry-after"]) >= 1
 
 
-def _peak_rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM in /proc status")
-
-
 def test_bombs_cost_the_intake_little_memory(
     module_intake: IntakeProcess, module_site: Site
 ) -> None:
     """A 256 MiB ratio bomb and a ZIP of 1000 entries: peak RSS grows by under 32 MiB."""
     pid = module_intake.pid
     assert pid is not None
-    before = _peak_rss(pid)
+    before = peak_rss(pid)
     bomb = make_zip([("bomb.dcm", bytes(256 * 1024 * 1024))])
     assert module_intake.upload(module_site, bomb).status_code == 413
     many = make_zip([(f"{i}.txt", b"x") for i in range(1000)])
     assert module_intake.upload(module_site, many).json() == []
-    assert _peak_rss(pid) - before < 32 * 1024 * 1024
+    assert peak_rss(pid) - before < 32 * 1024 * 1024

@@ -209,6 +209,15 @@ class IntakeProcess:
         self.stop()
 
 
+def peak_rss(pid: int) -> int:
+    """A process's high-water mark of resident memory (VmHWM), in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc status")
+
+
 def wait_until(condition: Any, timeout: float = 60, interval: float = 0.2) -> Any:
     """Poll ``condition()`` until it returns something truthy, within ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
