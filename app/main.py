@@ -136,6 +136,8 @@ async def serve(settings: Settings) -> None:
         reloader = tls.CertificateReloader(context, settings)
         loop.add_signal_handler(signal.SIGHUP, reloader.reload)
         watcher = asyncio.create_task(reloader.watch(settings.tls_reload_check_seconds))
+    else:  # SIGHUP's default would end the service; without TLS there is nothing to reload
+        loop.add_signal_handler(signal.SIGHUP, log.info, "SIGHUP: no TLS certificate to reload")
     log.info(
         "public listener on %s:%s (%s), admin listener on %s:%s",
         settings.public_host,

@@ -73,6 +73,13 @@ class OrthancClient:
             raise OrthancUnavailable(f"Orthanc timed out ({type(exc).__name__})") from exc
         except httpx.TransportError as exc:
             raise OrthancUnavailable(f"Orthanc unreachable ({type(exc).__name__})") from exc
+        if response.status_code in (401, 403):
+            # Our credentials, not the file: wait (without limit) for an operator to fix
+            # INTAKE_ORTHANC_USERNAME/PASSWORD, rather than quarantine every upload.
+            raise OrthancUnavailable(
+                f"Orthanc refused the intake's credentials ({_describe(response)}); "
+                "check INTAKE_ORTHANC_USERNAME / INTAKE_ORTHANC_PASSWORD"
+            )
         if response.status_code >= 500 or response.status_code in (408, 429):
             raise OrthancUnavailable(_describe(response), answered=True)
         if response.status_code >= 400:

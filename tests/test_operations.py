@@ -1,0 +1,83 @@
+"""What operators run into: a wrong Orthanc password, SIGHUP, several processes migrating."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, select
+
+from app.models import Upload
+from tests.support.intake import ROOT, IntakeProcess
+from tests.support.orthanc import OrthancProcess
+from tests.support.studies import make_study
+
+
+def _row(intake: IntakeProcess, receipt: str) -> Upload:
+    engine = create_engine(intake.database_url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(select(Upload).where(Upload.receipt == receipt)).one()  # type: ignore[return-value]
+    finally:
+        engine.dispose()
+
+
+def test_a_wrong_orthanc_password_holds_uploads_instead_of_quarantining_them(
+    make_intake: Callable[..., IntakeProcess], private_orthanc: OrthancProcess
+) -> None:
+    """Orthanc's 401 is our configuration's fault, not the file's: waited out, never counted."""
+    intake = make_intake(
+        private_orthanc, orthanc_password="not-the-password", forward_max_attempts="2"
+    )
+    site = intake.add_site("held")
+    answer = intake.upload(site, make_study(1, 1)[0]).json()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # bounded: well past 2 attempts at 0.2-1 s back-off
+        row = _row(intake, answer["IntakeReceipt"])
+        if row.attempts >= 4:
+            break
+        time.sleep(0.5)
+    assert row.attempts >= 4
+    assert row.state == "queued"
+    assert row.failed_answers == 0
+    assert "refused the intake's credentials" in (row.detail or "")
+    assert "not-the-password" not in intake.log_text()
+
+
+def test_sighup_without_tls_leaves_the_service_running(intake: IntakeProcess) -> None:
+    pid = intake.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGHUP)
+    time.sleep(1)
+    assert intake.returncode is None
+    with intake.client() as client:
+        assert client.get("/system").status_code == 401  # still answering
+    assert "no TLS certificate to reload" in intake.log_text()
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_processes_starting_together_migrate_one_at_a_time(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Scale-out: two `migrate` at once on a fresh PostgreSQL both succeed."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INTAKE_")}
+    env["INTAKE_DATABASE_URL"] = database_url
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "app", "migrate"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    results = [run.communicate(timeout=120) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0, 0], results
