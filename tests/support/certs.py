@@ -31,6 +31,24 @@ class ClientCert:
     sha256: str  # of the DER certificate: what a site is bound to
 
 
+def _make_ca(
+    common_name: str, now: datetime.datetime
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(_name(common_name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return ca, key
+
+
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     path.write_bytes(
         key.private_bytes(
@@ -45,18 +63,7 @@ def make_client_certs(folder: Path, names: list[str]) -> tuple[Path, dict[str, C
     """A client CA (its PEM path) and one client certificate per name, signed by it."""
     folder.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(_name(f"Intake Client CA {folder.name}"))
-        .issuer_name(_name(f"Intake Client CA {folder.name}"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
+    ca, ca_key = _make_ca(f"Intake Client CA {folder.name}", now)
     ca_file = folder / "client-ca.pem"
     ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     certs = {}
@@ -89,18 +96,7 @@ def make_client_certs(folder: Path, names: list[str]) -> tuple[Path, dict[str, C
 def make_server_cert(folder: Path) -> ServerCert:
     folder.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(_name("Intake Test CA"))
-        .issuer_name(_name("Intake Test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
+    ca, ca_key = _make_ca("Intake Test CA", now)
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder()
@@ -121,11 +117,5 @@ def make_server_cert(folder: Path) -> ServerCert:
     paths = ServerCert(folder / "ca.pem", folder / "server.pem", folder / "server.key")
     paths.ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths.cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths.key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    _write_key(paths.key_file, key)
     return paths
