@@ -26,6 +26,7 @@ from app.errors import (
     BadRequest,
     BeingForwarded,
     ConflictNotRetryable,
+    HeldByAnotherNode,
     IntakeError,
     NotFound,
     NothingToRetry,
@@ -180,6 +181,7 @@ class Backlog:
                 raise WrongState(
                     f"upload {upload_id} is {row.state}: only quarantined files are kept"
                 )
+            _here(row, self._spool)
             name = row.spool_name or ""
         try:
             file = self._spool.path(QUARANTINE, name).open("rb")
@@ -214,6 +216,7 @@ class Backlog:
                     "uploads can be discarded"
                 )
             _not_leased(row, now)
+            _here(row, self._spool)
             row.state = State.DISCARDED
             row.discarded_at = now
             row.reason = "discarded"
@@ -259,6 +262,7 @@ class Backlog:
                 f"{row.sop_instance_uid} with other bytes and would ignore these; delete "
                 "Orthanc's copy first, or discard this upload to keep Orthanc's"
             )
+        _here(row, self._spool)
         name = row.spool_name or ""
         source = self._spool.path(QUARANTINE, name)
         if not source.is_file():
@@ -389,3 +393,12 @@ def _counterpart(row: Upload | None) -> Counterpart | None:
     if row is None:
         return None
     return Counterpart(row.id, row.sha256, str(row.state), row.received_at, row.orthanc_instance_id)
+
+
+def _here(row: Upload, spool: Spool) -> None:
+    """Actions on a kept file run on the node whose spool holds it."""
+    if row.node is not None and row.node != spool.node:
+        raise HeldByAnotherNode(
+            f"upload {row.id}'s file is in the spool of node {row.node!r}, not of this one "
+            f"({spool.node!r}): use that node's admin listener"
+        )

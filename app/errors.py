@@ -26,6 +26,7 @@ listener puts in its Orthanc-shaped JSON. Nothing here imports FastAPI.
     │   ├── BeingForwarded            the forwarder holds the row right now
     │   ├── NothingToRetry            the kept spool file is gone
     │   ├── ConflictNotRetryable      a same-UID-other-bytes upload: Orthanc would ignore it
+    │   ├── HeldByAnotherNode         its file is in another host's spool: ask that host
     │   └── DeliveryNotFailed         only failed webhook deliveries are retried
     ├── ClientTimeout ............... 408  (body trickled slower than allowed)
     ├── InstanceTooLarge ............ 413  (body or inflated body over the cap)
@@ -191,6 +192,10 @@ class NothingToRetry(Conflict):
 
 class ConflictNotRetryable(Conflict):
     reason = "conflict_not_retryable"
+
+
+class HeldByAnotherNode(Conflict):
+    reason = "held_by_another_node"
 
 
 class DeliveryNotFound(NotFound):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import or_, select
+from sqlalchemy import ColumnElement, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import logs
@@ -115,6 +115,10 @@ class Forwarder:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), poll)
 
+    def _ours(self) -> ColumnElement[bool]:
+        """Rows whose file is in this node's spool (another node's files are not here)."""
+        return or_(Upload.node == self._spool.node, Upload.node.is_(None))
+
     def _claim(self) -> _Claim | None:
         now = utcnow()
         with self._sessions() as session:
@@ -124,6 +128,7 @@ class Forwarder:
                     Upload.state == State.QUEUED,
                     Upload.next_attempt_at <= now,
                     or_(Upload.lease_until.is_(None), Upload.lease_until < now),
+                    self._ours(),
                 )
                 .order_by(Upload.next_attempt_at, Upload.id)
                 .limit(1)
@@ -351,7 +356,8 @@ class Forwarder:
                 if orphan or (state is not None and state != State.QUEUED):
                     log.warning("removing spool file %s: no queued upload needs it", file.name)
                     self._spool.discard(file)
-            for row in session.scalars(select(Upload).where(Upload.state == State.QUEUED)):
+            queued = select(Upload).where(Upload.state == State.QUEUED, self._ours())
+            for row in session.scalars(queued):
                 if row.lease_owner and self._lease_is_dead(row.lease_owner):
                     # Claimed by an earlier process on this host that died (SIGKILL,
                     # crash): no need to wait for the lease to run out.

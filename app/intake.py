@@ -418,6 +418,7 @@ class Intake:
         row = Upload(
             receipt=ctx.receipt,
             request_id=logs.request_id.get(),
+            node=self._spool.node,
             site_id=ctx.site.site_id,
             remote_addr=ctx.remote_addr,
             received_at=ctx.received_at,

@@ -270,5 +270,8 @@ class Upload(Base):
     forwarded_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     discarded_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     spool_name: Mapped[str | None] = mapped_column(String(64))
+    # The node whose spool holds the file (INTAKE_NODE_NAME): only its processes forward it.
+    # NULL (rows from before 0005): any node may.
+    node: Mapped[str | None] = mapped_column(String(64))
 
     site: Mapped[Site] = relationship()

@@ -73,9 +73,10 @@ class OrthancClient:
             raise OrthancUnavailable(f"Orthanc timed out ({type(exc).__name__})") from exc
         except httpx.TransportError as exc:
             raise OrthancUnavailable(f"Orthanc unreachable ({type(exc).__name__})") from exc
-        if response.status_code in (401, 403):
+        if response.status_code == 401:
             # Our credentials, not the file: wait (without limit) for an operator to fix
-            # INTAKE_ORTHANC_USERNAME/PASSWORD, rather than quarantine every upload.
+            # INTAKE_ORTHANC_USERNAME/PASSWORD, rather than quarantine every upload. (A 403
+            # is Orthanc refusing this request, e.g. a Lua filter: a refusal like a 400.)
             raise OrthancUnavailable(
                 f"Orthanc refused the intake's credentials ({_describe(response)}); "
                 "check INTAKE_ORTHANC_USERNAME / INTAKE_ORTHANC_PASSWORD"

@@ -37,7 +37,7 @@ class Service:
         self.engine = make_engine(settings.database_url)
         self.sessions = make_sessionmaker(self.engine)
         self.readers = make_read_sessionmaker(self.engine)  # queries that never write
-        self.spool = Spool(settings.spool_dir, settings.spool_min_free_bytes)
+        self.spool = Spool(settings.spool_dir, settings.spool_min_free_bytes, settings.node_name)
         self.validator = Validator(
             dicom.Limits(
                 max_depth=settings.max_sequence_depth,

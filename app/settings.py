@@ -108,6 +108,15 @@ class Settings(BaseSettings):
         "Orthanc has them; quarantined files stay there for an admin.",
         json_schema_extra=_group(Group.STORAGE),
     )
+    node_name: str = Field(
+        default="",
+        max_length=64,
+        description="This host's name in the shared database (empty: the machine's host "
+        "name). Each upload is forwarded from the spool that received it, by the processes "
+        "of that node only: processes sharing one spool folder share one node name, hosts "
+        "with their own spools have different ones.",
+        json_schema_extra=_group(Group.STORAGE),
+    )
     # Refuse new uploads (507) before the spool's disk is actually full.
     spool_min_free_bytes: int = Field(
         default=512 * MiB,

@@ -20,6 +20,7 @@ import errno
 import hashlib
 import os
 import shutil
+import socket
 import uuid
 import zlib
 from collections.abc import AsyncIterator
@@ -219,9 +220,11 @@ def decoder(content_encoding: str | None) -> _Gunzip | None:
 
 
 class Spool:
-    def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
+    def __init__(self, root: Path, min_free_bytes: int = 0, node: str = "") -> None:
         self.root = root
         self.min_free_bytes = min_free_bytes
+        # The node whose processes may forward this spool's files (INTAKE_NODE_NAME).
+        self.node = node or socket.gethostname()[:64]
 
     def ensure(self) -> None:
         for name in (TMP, QUEUE, QUARANTINE, REFUSED):

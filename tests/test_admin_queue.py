@@ -154,10 +154,22 @@ def test_queue_routes_need_an_admin(world: World) -> None:
 
 
 def test_orthanc_refusal_is_quarantined_and_retry_delivers_it(
-    make_intake: Callable[..., IntakeProcess], own_orthanc: OrthancProcess, database_url: str
+    make_intake: Callable[..., IntakeProcess],
+    own_orthanc: OrthancProcess,
+    database_url: str,
+    tmp_path: Path,
 ) -> None:
-    """Wrong Orthanc credentials quarantine an upload; after the fix a retry delivers it."""
-    refused = make_intake(own_orthanc, orthanc_password="not the orthanc password")
+    """An Orthanc that refuses uploads (a Lua filter: 403) quarantines them; once it takes
+    them again, an admin's retry delivers."""
+    script = tmp_path / "refuse.lua"
+    script.write_text(
+        "function IncomingHttpRequestFilter(method, uri, ip, username, headers)\n"
+        "  return not (method == 'POST' and uri == '/instances')\n"
+        "end\n"
+    )
+    own_orthanc.extra_config["LuaScripts"] = [str(script)]
+    own_orthanc.restart()
+    refused = make_intake(own_orthanc)
     site = refused.add_site("hospital-a")
     admin = refused.add_admin()
     answer = refused.upload(site, make_study(1, 1)[0])
@@ -169,10 +181,12 @@ def test_orthanc_refusal_is_quarantined_and_retry_delivers_it(
             lambda: client.get("/api/queue", params={"state": "quarantined"}).json()["items"]
         )
     assert page[0]["reason"] == "orthanc_refused"
-    assert "401" in page[0]["detail"]
+    assert "403" in page[0]["detail"]
     assert page[0]["has_file"] is True
     assert quarantined.is_file()
     refused.stop()
+    del own_orthanc.extra_config["LuaScripts"]
+    own_orthanc.restart()
 
     fixed = IntakeProcess(refused.workdir, database_url, orthanc=own_orthanc)
     with fixed, fixed.admin_client(admin) as client:
