@@ -143,6 +143,7 @@ class Intake:
                 max_bytes=max_bytes,
                 content_encoding=content_encoding,
                 idle_timeout=self._settings.body_idle_timeout_seconds,
+                min_rate=self._settings.body_min_rate_bytes_per_second,
                 max_archive_bytes=self._settings.max_request_bytes,
             )
             self._metrics.record_bytes(site.name, received.byte_size)
@@ -185,6 +186,7 @@ class Intake:
                 keep=keep,
                 content_encoding=content_encoding,
                 idle_timeout=self._settings.body_idle_timeout_seconds,
+                min_rate=self._settings.body_min_rate_bytes_per_second,
             )
             files = [(p.filename, p.file) for p in received if p.file is not None]
             for _, file in files:

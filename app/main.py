@@ -89,7 +89,11 @@ class _Server(uvicorn.Server):
 
 
 def _config(
-    app: FastAPI, host: str, port: int, context: ssl.SSLContext | None = None
+    app: FastAPI,
+    host: str,
+    port: int,
+    settings: Settings,
+    context: ssl.SSLContext | None = None,
 ) -> uvicorn.Config:
     return uvicorn.Config(
         app,
@@ -103,7 +107,7 @@ def _config(
         # Our own context (app/tls.py), kept by reference so a renewed certificate can be
         # loaded into it; the protocol adds the client certificate's fingerprint.
         ssl_context_factory=None if context is None else (lambda _config, _default: context),
-        http=tls.ClientCertProtocol if context is not None else "auto",
+        http=tls.protocol(settings.header_timeout_seconds),
     )
 
 
@@ -117,11 +121,14 @@ async def serve(settings: Settings) -> None:
             create_public_app(settings, service),
             settings.public_host,
             settings.public_port,
+            settings,
             context,
         )
     )
     admin_server = _Server(
-        _config(create_admin_app(settings, service), settings.admin_host, settings.admin_port)
+        _config(
+            create_admin_app(settings, service), settings.admin_host, settings.admin_port, settings
+        )
     )
     loop = asyncio.get_running_loop()
 

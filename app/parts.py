@@ -145,6 +145,7 @@ async def receive(
     keep: Keep,
     content_encoding: str | None,
     idle_timeout: float,
+    min_rate: int = 0,
 ) -> list[Part]:
     """Every part of the body, kept ones spooled (not yet durable); or an IntakeError."""
     reader = _Reader(spool, limits, keep)
@@ -160,7 +161,7 @@ async def receive(
     size = 0
     spool.check_free_space()
     try:
-        async for chunk in bounded(chunks, idle_timeout):
+        async for chunk in bounded(chunks, idle_timeout, min_rate):
             size += len(chunk)
             if size > limits.max_body_bytes:
                 raise InstanceTooLarge(

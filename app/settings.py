@@ -260,6 +260,22 @@ class Settings(BaseSettings):
         "more gets 400 `inflate_limit`.",
         json_schema_extra=_group(Group.UPLOADS),
     )
+    header_timeout_seconds: float = Field(
+        default=20.0,
+        gt=0,
+        description="Seconds a client has, from connecting (and from each request's first "
+        "byte), to send complete request headers; slower connections are closed (a "
+        "slowloris defence uvicorn lacks).",
+        json_schema_extra=_group(Group.UPLOADS),
+    )
+    body_min_rate_bytes_per_second: int = Field(
+        default=500,
+        ge=0,
+        description="After the first `INTAKE_BODY_IDLE_TIMEOUT_SECONDS` of a body, its "
+        "average rate must stay at or above this, or it gets 408 (a body trickled just "
+        "under the idle timeout is cut too); 0 turns the check off.",
+        json_schema_extra=_group(Group.UPLOADS),
+    )
     body_idle_timeout_seconds: float = Field(
         default=30.0,
         gt=0,

@@ -21,6 +21,7 @@ import hashlib
 import os
 import shutil
 import socket
+import time
 import uuid
 import zlib
 from collections.abc import AsyncIterator
@@ -253,6 +254,7 @@ class Spool:
         content_encoding: str | None,
         idle_timeout: float,
         max_archive_bytes: int | None = None,
+        min_rate: int = 0,
     ) -> Received:
         """Stream a body to ``tmp/`` within the byte cap, then fsync it."""
         inflate = decoder(content_encoding)
@@ -261,7 +263,7 @@ class Spool:
         raw_limit = max(max_bytes, max_archive_bytes or 0)
         raw_size = 0
         try:
-            async for chunk in bounded(chunks, idle_timeout):
+            async for chunk in bounded(chunks, idle_timeout, min_rate):
                 if raw_size == 0 and inflate is not None and is_archive(chunk):
                     # Orthanc looks for ZIP magic before it gunzips (1.8.2+): so do we.
                     inflate = None
@@ -293,9 +295,15 @@ class Spool:
             path.unlink()
 
 
-async def bounded(chunks: AsyncIterator[bytes], idle_timeout: float) -> AsyncIterator[bytes]:
-    """The body's chunks, or ClientTimeout when none arrives for ``idle_timeout`` seconds."""
+async def bounded(
+    chunks: AsyncIterator[bytes], idle_timeout: float, min_rate: int = 0
+) -> AsyncIterator[bytes]:
+    """The body's chunks, or ClientTimeout: when none arrives for ``idle_timeout`` seconds,
+    or when, past that long, the body has averaged under ``min_rate`` bytes per second
+    (a body trickled just inside the idle timeout would otherwise hold a slot for ever)."""
     iterator = aiter(chunks)
+    started = time.monotonic()
+    size = 0
     while True:
         try:
             chunk = await asyncio.wait_for(anext(iterator), idle_timeout)
@@ -303,6 +311,13 @@ async def bounded(chunks: AsyncIterator[bytes], idle_timeout: float) -> AsyncIte
             return
         except TimeoutError as exc:
             raise ClientTimeout(f"no body bytes arrived for {idle_timeout:g} seconds") from exc
+        size += len(chunk)
+        elapsed = time.monotonic() - started
+        if min_rate and elapsed > idle_timeout and size < min_rate * elapsed:
+            raise ClientTimeout(
+                f"the body arrives at {size / elapsed:.0f} bytes/s, under the minimum of "
+                f"{min_rate} bytes/s"
+            )
         yield chunk
 
 
