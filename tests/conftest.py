@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import postgres
+from tests.support import leaks, postgres
 from tests.support.intake import Admin, IntakeProcess, Site
 from tests.support.orthanc import OrthancProcess
 
@@ -16,12 +16,22 @@ BACKENDS = ["sqlite", "postgresql"]
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """In CI a skipped test is a failure: every test here uses real components."""
+    """In CI a skipped test is a failure: every test here uses real components. And no
+    secret the suite handed out may appear in any intake log it produced."""
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     skipped = len(reporter.stats.get("skipped", [])) if reporter else 0
     if os.environ.get("CI") and skipped:
         if reporter:
             reporter.write_line(f"CI: {skipped} test(s) skipped; skips fail the run here", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    found = leaks.SUITE.scan()
+    secrets, logs = leaks.SUITE.counts()
+    if reporter and logs:
+        reporter.write_line(f"secrets in logs: {len(found)} ({secrets} secrets, {logs} logs read)")
+    if found:
+        if reporter:
+            for line in found:
+                reporter.write_line(f"secret leaked into a log: {line}", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 

@@ -14,6 +14,7 @@ from typing import Any, Self
 
 import httpx
 
+from tests.support import leaks
 from tests.support.orthanc import OrthancProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,6 +110,7 @@ class IntakeProcess:
         if done.returncode != 0:
             raise AssertionError(f"sites add failed: {done.stderr}")
         data = json.loads(done.stdout)
+        leaks.remember_secret(data["token"])
         return Site(data["site"], data["token"], data["orthanc_peer"], data["orthanc_peer_bearer"])
 
     def add_admin(self, name: str = "admin", password: str = "a long admin password") -> Admin:
@@ -119,7 +121,10 @@ class IntakeProcess:
         issued = self.cli("admins", "token", name, "--json")
         if issued.returncode != 0:
             raise AssertionError(f"admins token failed: {issued.stderr}")
-        return Admin(name, password, json.loads(issued.stdout)["token"])
+        token = json.loads(issued.stdout)["token"]
+        leaks.remember_secret(password)
+        leaks.remember_secret(token)
+        return Admin(name, password, token)
 
     def admin_client(self, admin: Admin | None = None, *, basic: bool = False) -> httpx.Client:
         """A client on the admin listener: Bearer token by default, or Basic, or none."""
@@ -133,6 +138,9 @@ class IntakeProcess:
 
     def start(self, timeout: float = 60) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        leaks.remember_log(self.log_path)
+        if self.orthanc is not None:
+            leaks.remember_secret(self.orthanc.password)
         if not self.public_port:
             self.public_port = free_port()
         if not self.admin_port:
