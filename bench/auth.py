@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app import admins, sites
 from app.access import Access
 from app.admins import PASSWORDS, AdminAccess
+from app.auth import _CHECK_LEN, TOKEN_PREFIX, _checksum, new_token
 from app.db import make_engine, make_sessionmaker
 from app.errors import Unauthenticated
 from app.migrations import upgrade
@@ -71,6 +72,22 @@ async def _measure(case: str, call: Call, rounds: int) -> Result:
     iterations = max(1, round(iterations * _ROUND_SECONDS * 1e9 / elapsed))
     per_call = [await _run(call, iterations) / iterations for _ in range(rounds)]
     return Result(case, statistics.median(per_call))
+
+
+async def _paired(case: str, first: Call, second: Call, samples: int = 1500) -> Result:
+    """Median of (first - second) over alternating single calls: drift cancels out.
+
+    A positive or negative median well inside the spread of single calls means a
+    guess's closeness to the real token does not show in its refusal time.
+    """
+    differences = []
+    for _ in range(samples):
+        start = time.perf_counter_ns()
+        await first()
+        middle = time.perf_counter_ns()
+        await second()
+        differences.append((middle - start) - (time.perf_counter_ns() - middle))
+    return Result(case, statistics.median(differences))
 
 
 def _synchronous(function: Callable[[], object]) -> Call:
@@ -149,12 +166,32 @@ async def _cases(
     async def admin_call() -> None:
         await admin_access.authenticate(admin_basic, "127.0.0.1")
 
+    # Timing: does a refusal say how close a guess was? (f) and (g) are both unknown,
+    # well-formed tokens; (g) shares all but the last body character with the real one.
+    # The lookup is by SHA-256 digest, so closeness should cost nothing measurable.
+    random_guess = f"Bearer {new_token()}"
+    body = token[len(TOKEN_PREFIX) : -_CHECK_LEN]
+    near_body = body[:-1] + ("A" if body[-1] != "A" else "B")
+    near_miss = f"Bearer {TOKEN_PREFIX}{near_body}{_checksum(near_body)}"
+    wrong_site = "Basic " + base64.b64encode(f"not-{name}:{token}".encode()).decode()
+    guessing = Access(
+        _settings(database_url, spool, auth_cache_seconds=0, auth_max_failures=10**9), sessions
+    )
+
     results = [
         await _measure("(a) Basic, warm cache + policy", _authenticating(warm, basic), rounds),
         await _measure("(b) Bearer, warm cache + policy", _authenticating(warm, bearer), rounds),
         await _measure("(c) Basic, cold: one DB query", _authenticating(cold, basic), rounds),
         await _measure("(d) malformed token, refused", _refusing(refusing, malformed), rounds),
         await _measure("(e) admin Basic, cached password", admin_call, rounds),
+        await _measure("(f) unknown token, refused", _refusing(guessing, random_guess), rounds),
+        await _measure("(g) near-miss token, refused", _refusing(guessing, near_miss), rounds),
+        await _measure("(h) real token, wrong site", _refusing(guessing, wrong_site), rounds),
+        await _paired(
+            "(g-f) near-miss minus unknown, paired",
+            _refusing(guessing, near_miss),
+            _refusing(guessing, random_guess),
+        ),
         await _measure(
             "(B1) argon2 verify (passlib)",
             _synchronous(lambda: PASSWORDS.verify(password, password_hash)),
@@ -180,13 +217,19 @@ def _report(results: list[Result], backend: str, rounds: int) -> bool:
     print(f"{'case':<34} {'µs/request':>12} {'times cheaper than argon2':>26}")
     print("-" * 74)
     for result in results:
-        ratio = argon2.ns_per_call / result.ns_per_call
+        ratio = argon2.ns_per_call / abs(result.ns_per_call or 1)
         print(f"{result.case:<34} {result.us:>12.2f} {ratio:>26,.0f}")
     print()
     warm = results[0]
     passed = warm.us < TARGET_US
     verdict = "PASS" if passed else "FAIL"
     print(f"{verdict}: (a) {warm.us:.2f} µs < {TARGET_US:.0f} µs per request")
+    unknown = next(r for r in results if r.case.startswith("(f)"))
+    paired = next(r for r in results if r.case.startswith("(g-f)"))
+    print(
+        f"timing: paired, a near-miss guess is refused {paired.us:+.1f} µs later than a random "
+        f"one ({paired.ns_per_call / unknown.ns_per_call:+.1%} of a refusal)"
+    )
     return passed
 
 
