@@ -297,6 +297,8 @@ class Intake:
                     continue
                 except IntakeError as exc:
                     await self._refuse(ctx, None, exc, note=entry.name)
+                    self._metrics.record_refusal(site.name, exc.reason, 0.0)
+                    exc.recorded = True
                     batch.items.append(Item(entry.name, Refusal(exc, ctx.receipt)))
                     later = exc if isinstance(exc, _TRY_LATER) else None
                     continue
