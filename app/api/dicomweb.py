@@ -2,17 +2,95 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from app import stow
 from app.api.deps import ServiceDep
-from app.api.public import SiteDep, declared_bytes
+from app.api.public import BINARY_SCHEMA, UPLOAD_ERRORS, SiteDep, declared_bytes, error_responses
 from app.errors import MalformedMultipart, NotAcceptable, UnsupportedMediaType
 from app.parts import MediaType
 
 router = APIRouter(redirect_slashes=False)
+
+# --- The OpenAPI contract (documentation only; see app/api/public.py) ---------------------
+_UID_ATTRIBUTE: dict[str, Any] = {
+    "type": "object",
+    "required": ["vr"],
+    "properties": {
+        "vr": {"const": "UI"},
+        "Value": {"type": "array", "items": {"type": "string"}},
+    },
+}
+_REFERENCED: dict[str, Any] = {
+    "type": "object",
+    "required": ["00081150", "00081155"],
+    "properties": {"00081150": _UID_ATTRIBUTE, "00081155": _UID_ATTRIBUTE},
+}
+_FAILED: dict[str, Any] = {
+    "type": "object",
+    "required": ["00081150", "00081155", "00081197"],
+    "properties": {
+        "00081150": _UID_ATTRIBUTE,
+        "00081155": _UID_ATTRIBUTE,
+        "00081197": {
+            "type": "object",
+            "required": ["vr", "Value"],
+            "properties": {
+                "vr": {"const": "US"},
+                "Value": {"type": "array", "items": {"type": "integer"}},
+            },
+        },
+    },
+}
+
+
+def _sequence(items: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["vr"],
+        "properties": {"vr": {"const": "SQ"}, "Value": {"type": "array", "items": items}},
+    }
+
+
+_STORE_RESPONSE: dict[str, Any] = {
+    "title": "StoreInstancesResponse",
+    "description": (
+        "PS3.18 §10.5.3 in DICOM JSON: ReferencedSOPSequence (0008,1199), FailedSOPSequence"
+        " (0008,1198) with FailureReason (0008,1197)"
+    ),
+    "type": "object",
+    "required": ["00081199"],
+    "properties": {"00081199": _sequence(_REFERENCED), "00081198": _sequence(_FAILED)},
+}
+_STOW_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Every instance was stored",
+        "content": {stow.MEDIA_TYPE: {"schema": _STORE_RESPONSE}},
+    },
+    202: {
+        "description": "Some instances were stored, some failed",
+        "content": {stow.MEDIA_TYPE: {"schema": _STORE_RESPONSE}},
+    },
+    409: {
+        "description": "No instance was stored",
+        "content": {stow.MEDIA_TYPE: {"schema": _STORE_RESPONSE}},
+    },
+    **error_responses(*UPLOAD_ERRORS, 406),
+}
+_STOW_REQUEST: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": (
+            'multipart/related; type="application/dicom"; boundary=…: one DICOM Part 10 file'
+            " per part (parts without a Content-Type are taken as application/dicom)"
+        ),
+        "content": {"multipart/related": {"schema": {"type": "array", "items": BINARY_SCHEMA}}},
+    },
+}
 
 _DICOM = "application/dicom"
 _ANSWERABLE = {stow.MEDIA_TYPE, "application/json", "application/*", "*/*"}
@@ -64,13 +142,13 @@ async def _store(
     return JSONResponse(body, status_code=status, media_type=stow.MEDIA_TYPE)
 
 
-@router.post("/dicom-web/studies")
+@router.post("/dicom-web/studies", responses=_STOW_RESPONSES, openapi_extra=_STOW_REQUEST)
 async def store_instances(request: Request, site: SiteDep, service: ServiceDep) -> Response:
     """STOW-RS Store Instances (PS3.18 §10.5)."""
     return await _store(request, site, service, None)
 
 
-@router.post("/dicom-web/studies/{study}")
+@router.post("/dicom-web/studies/{study}", responses=_STOW_RESPONSES, openapi_extra=_STOW_REQUEST)
 async def store_study_instances(
     study: str, request: Request, site: SiteDep, service: ServiceDep
 ) -> Response:
