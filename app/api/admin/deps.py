@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
@@ -22,10 +22,15 @@ class ErrorBody(BaseModel):
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "A request that cannot be carried out as asked"},
     401: {"model": ErrorBody, "description": "No or wrong admin credentials"},
     403: {"model": ErrorBody, "description": "Address outside the admin allow-list"},
+    422: {"model": ErrorBody, "description": "A parameter or body that does not validate"},
     429: {"model": ErrorBody, "description": "Too many failed authentications"},
 }
+
+# Row ids are 64-bit: a larger number is a 422, never a database error.
+RowId = Annotated[int, Path(ge=1, le=2**63 - 1, description="A row id")]
 
 
 async def get_admin(request: Request, service: ServiceDep) -> str:

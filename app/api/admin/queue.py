@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from app.api.admin.deps import ERROR_RESPONSES, AdminDep, ErrorBody, ServiceDep
+from app.api.admin.deps import ERROR_RESPONSES, AdminDep, ErrorBody, RowId, ServiceDep
 from app.backlog import Backlog, ConflictPage, KeptFile, QueueItem, QueuePage, RetryCount
 from app.models import State
 from app.service import Service
@@ -75,7 +75,7 @@ async def list_queue(
 
 
 @router.post("/uploads/{upload_id}/retry")
-async def retry_upload(upload_id: int, admin: AdminDep, service: ServiceDep) -> QueueItem:
+async def retry_upload(upload_id: RowId, admin: AdminDep, service: ServiceDep) -> QueueItem:
     """Put a quarantined upload back in the queue (attempts reset), or make a queued one due.
 
     Conflicts (reason `conflict`) are refused with 409: Orthanc already holds that SOP
@@ -107,7 +107,7 @@ async def retry_site(name: str, admin: AdminDep, service: ServiceDep) -> RetryCo
 
 @router.post("/uploads/{upload_id}/discard")
 async def discard_upload(
-    upload_id: int, body: DiscardIn, admin: AdminDep, service: ServiceDep
+    upload_id: RowId, body: DiscardIn, admin: AdminDep, service: ServiceDep
 ) -> QueueItem:
     """Give up on a queued or quarantined upload, with a reason; then its file is removed.
 
@@ -137,7 +137,7 @@ async def list_conflicts(
     response_class=StreamingResponse,
     responses={200: {"content": {"application/dicom": {}}, "description": "The kept file"}},
 )
-async def upload_file(upload_id: int, _: AdminDep, service: ServiceDep) -> StreamingResponse:
+async def upload_file(upload_id: RowId, _: AdminDep, service: ServiceDep) -> StreamingResponse:
     """The bytes kept for a quarantined upload, as stored (preamble zeroed)."""
     kept = await _call(service, lambda b: b.open_file(upload_id))
     return StreamingResponse(

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
 from app import records, stats, studies
-from app.api.admin.deps import ERROR_RESPONSES, AdminDep, ErrorBody, ServiceDep
+from app.api.admin.deps import ERROR_RESPONSES, AdminDep, ErrorBody, RowId, ServiceDep
 from app.errors import NotFound
 from app.models import State
 from app.service import Service
@@ -188,7 +188,7 @@ def _csv_row(record: records.UploadRecord) -> list[object]:
 
 
 @router.get("/uploads/{upload_id}", tags=["uploads"])
-async def show_upload(upload_id: int, _: AdminDep, service: ServiceDep) -> records.UploadRecord:
+async def show_upload(upload_id: RowId, _: AdminDep, service: ServiceDep) -> records.UploadRecord:
     """One intake record in full."""
     found = await _call(service, lambda s: records.show(s, upload_id))
     if found is None:

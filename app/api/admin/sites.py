@@ -50,7 +50,9 @@ class SiteIn(BaseModel):
 
 
 class RotateIn(BaseModel):
-    grace_days: float | None = Field(default=None, ge=0, description="Default: 30 days.")
+    grace_days: float | None = Field(
+        default=None, ge=0, le=36500, description="Default: 30 days; at most 100 years."
+    )
     label: str | None = None
 
 

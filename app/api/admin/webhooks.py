@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
 from app import deliveries
-from app.api.admin.deps import ERROR_RESPONSES, AdminDep, ErrorBody, ServiceDep
+from app.api.admin.deps import ERROR_RESPONSES, AdminDep, ErrorBody, RowId, ServiceDep
 
 router = APIRouter(
     prefix="/api/webhooks",
@@ -47,7 +47,9 @@ async def list_deliveries(
     state: Literal["pending", "delivered", "failed"] | None = None,
     site: str | None = None,
     limit: int = Query(default=100, ge=1, le=1000),
-    before: int | None = Query(default=None, description="Only ids below this (next page)"),
+    before: int | None = Query(
+        default=None, ge=1, le=2**63 - 1, description="Only ids below this (next page)"
+    ),
 ) -> list[DeliveryOut]:
     """Newest first. Each study that went quiet and settled makes one delivery per URL."""
 
@@ -61,7 +63,7 @@ async def list_deliveries(
 
 
 @router.get("/deliveries/{delivery_id}")
-async def show_delivery(delivery_id: int, _: AdminDep, service: ServiceDep) -> DeliveryOut:
+async def show_delivery(delivery_id: RowId, _: AdminDep, service: ServiceDep) -> DeliveryOut:
     def run() -> deliveries.DeliveryView:
         with service.readers() as session:
             return deliveries.show(session, delivery_id)
@@ -70,7 +72,7 @@ async def show_delivery(delivery_id: int, _: AdminDep, service: ServiceDep) -> D
 
 
 @router.post("/deliveries/{delivery_id}/retry")
-async def retry_delivery(delivery_id: int, _: AdminDep, service: ServiceDep) -> DeliveryOut:
+async def retry_delivery(delivery_id: RowId, _: AdminDep, service: ServiceDep) -> DeliveryOut:
     """A failed delivery is sent again now, with its full series of attempts (409 otherwise)."""
 
     def run() -> deliveries.DeliveryView:
