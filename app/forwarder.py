@@ -209,6 +209,16 @@ class Forwarder:
         started = time.perf_counter()
         try:
             stored = await self._orthanc.store_instance(path)
+            if stored.status not in ("Success", "AlreadyStored"):
+                # e.g. "FilteredOut" (a Lua ReceivedInstanceFilter): answered 200, not stored.
+                await asyncio.to_thread(
+                    self._quarantine,
+                    claim,
+                    "orthanc_refused",
+                    f"Orthanc answered Status {stored.status!r} for instance {stored.id} and "
+                    "did not store it",
+                )
+                return
             if stored.status == "AlreadyStored" and not await self._same_bytes(stored.id, path):
                 await asyncio.to_thread(
                     self._quarantine,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -450,6 +450,8 @@ class Intake:
                     .where(
                         Upload.sop_instance_uid == summary.sop_instance_uid,
                         Upload.state.in_([State.QUEUED, State.FORWARDED, State.QUARANTINED]),
+                        # A row whose file was lost holds no copy: a resend is the copy.
+                        or_(Upload.reason.is_(None), Upload.reason != "spool_file_missing"),
                     )
                     .order_by(Upload.id)
                 ).all()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
@@ -70,6 +71,14 @@ class Service:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
+        # Database work runs in threads. The default pool (CPUs + 4 threads) is shared
+        # with the forwarder's workers, whose claims block too when the database is locked;
+        # uploads would then queue behind them for several busy timeouts. Room for all.
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(
+                max_workers=32 + self.settings.forward_concurrency, thread_name_prefix="db"
+            )
+        )
         if self.settings.auto_migrate:
             from app import migrations
 

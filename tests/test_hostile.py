@@ -19,7 +19,7 @@ at its default). For each case:
 
 Slow clients (headers or bodies trickled) are covered by ``tests/test_slow_clients.py``.
 With ``INTAKE_HOSTILE_REPORT=<file>`` the measured figures are written there as JSON
-(docs/reliability-hostile.md is made from them).
+(docs/RELIABILITY.md, "Hostile and malformed input", is made from them).
 """
 
 from __future__ import annotations
