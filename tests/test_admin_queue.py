@@ -25,7 +25,7 @@ from app.db import make_engine, make_sessionmaker
 from app.models import Site, State, Upload, utcnow
 from tests.support.intake import Admin, IntakeProcess, wait_until
 from tests.support.intake import Site as SiteCredentials
-from tests.support.orthanc import OrthancProcess
+from tests.support.orthanc import OrthancProcess, refusing_uploads
 from tests.support.studies import make_study
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
@@ -161,13 +161,7 @@ def test_orthanc_refusal_is_quarantined_and_retry_delivers_it(
 ) -> None:
     """An Orthanc that refuses uploads (a Lua filter: 403) quarantines them; once it takes
     them again, an admin's retry delivers."""
-    script = tmp_path / "refuse.lua"
-    script.write_text(
-        "function IncomingHttpRequestFilter(method, uri, ip, username, headers)\n"
-        "  return not (method == 'POST' and uri == '/instances')\n"
-        "end\n"
-    )
-    own_orthanc.extra_config["LuaScripts"] = [str(script)]
+    own_orthanc.extra_config["LuaScripts"] = [str(refusing_uploads(tmp_path))]
     own_orthanc.restart()
     refused = make_intake(own_orthanc)
     site = refused.add_site("hospital-a")

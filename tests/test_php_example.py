@@ -6,13 +6,14 @@ import io
 import os
 import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 import pydicom
 from sqlalchemy import create_engine, select
 
 from app.models import State, Upload
 from tests.support.intake import ROOT, Admin, IntakeProcess, wait_until
-from tests.support.orthanc import OrthancProcess
+from tests.support.orthanc import OrthancProcess, refusing_uploads
 from tests.support.studies import make_study
 
 SCRIPT = ROOT / "examples" / "php" / "intake-admin.php"
@@ -51,10 +52,12 @@ def _state(intake: IntakeProcess, upload_id: int) -> State:
 
 
 def test_php_lists_shows_a_study_and_retries_a_quarantined_upload(
-    make_intake: Callable[..., IntakeProcess], own_orthanc: OrthancProcess
+    make_intake: Callable[..., IntakeProcess], own_orthanc: OrthancProcess, tmp_path: Path
 ) -> None:
-    # Wrong Orthanc credentials: Orthanc answers 401, so uploads end in quarantine.
-    intake = make_intake(own_orthanc, orthanc_password="not-the-password")
+    # Orthanc refuses uploads (a Lua filter: 403), so they end in quarantine.
+    own_orthanc.extra_config["LuaScripts"] = [str(refusing_uploads(tmp_path))]
+    own_orthanc.restart()
+    intake = make_intake(own_orthanc)
     site = intake.add_site("php-site")
     admin = intake.add_admin("php-app")
     files = make_study(n_series=2, per_series=2)
@@ -71,10 +74,9 @@ def test_php_lists_shows_a_study_and_retries_a_quarantined_upload(
     assert recent.count("quarantined") == 4
     assert study_uid in recent
 
-    # Fixed: the right credentials, then the PHP app retries each quarantined upload.
-    intake.stop()
-    intake.env_extra.pop("INTAKE_ORTHANC_PASSWORD")
-    intake.start()
+    # Fixed: Orthanc takes uploads again, then the PHP app retries each quarantined upload.
+    del own_orthanc.extra_config["LuaScripts"]
+    own_orthanc.restart()
     for upload_id in upload_ids:
         assert _php(intake, admin, "retry", str(upload_id)) == f"upload {upload_id} is now queued\n"
     wait_until(lambda: all(_state(intake, i) is State.FORWARDED for i in upload_ids), timeout=60)

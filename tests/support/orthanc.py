@@ -65,6 +65,17 @@ def free_port() -> int:
     raise OrthancStartError("no free TCP port found on 127.0.0.1")
 
 
+def refusing_uploads(folder: Path) -> Path:
+    """A Lua script for ``LuaScripts``: Orthanc answers every ``POST /instances`` 403."""
+    script = folder / "refuse-uploads.lua"
+    script.write_text(
+        "function IncomingHttpRequestFilter(method, uri, ip, username, headers)\n"
+        "  return not (method == 'POST' and uri == '/instances')\n"
+        "end\n"
+    )
+    return script
+
+
 def _die_with_parent() -> None:
     """Runs in the child before exec: SIGKILL Orthanc if the test process dies first."""
     libc = ctypes.CDLL(None, use_errno=True)
