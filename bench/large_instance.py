@@ -140,7 +140,7 @@ def run(tmp: Path, backend: Backend, *, pixel_bytes: int, reps: int) -> LargeRes
             print(
                 f"  large instance rep {rep + 1}: direct {direct:.1f} s, intake ack "
                 f"{ack:.1f} s, in Orthanc {done:.1f} s, intake peak RSS "
-                f"{intake_rss / MB:.0f} MB",
+                f"{intake_rss / MB:.1f} MB",
                 flush=True,
             )
     finally:
@@ -181,8 +181,8 @@ def report(result: LargeResult) -> list[str]:
             for pid, rss in sorted(r.worker_peak_rss.items())
         )
         lines.append(
-            f"  rep {r.rep + 1}: intake {r.intake_peak_rss / MB:.0f} (after start-up "
-            f"{r.intake_start_rss / MB:.0f}); {workers or 'no children'}; "
+            f"  rep {r.rep + 1}: intake {r.intake_peak_rss / MB:.1f} (after start-up "
+            f"{r.intake_start_rss / MB:.1f}); {workers or 'no children'}; "
             f"intake + children sampled together {r.sampled_total_rss / MB:.0f}; "
             f"private Orthanc {r.orthanc_peak_rss / MB:.0f}"
         )
@@ -193,7 +193,7 @@ def report(result: LargeResult) -> list[str]:
     )
     verdict = "MET" if result.passed else "NOT MET"
     lines.append(
-        f"{verdict}: peak RSS of the intake {result.worst_intake_rss / MB:.0f} MB and of a "
+        f"{verdict}: peak RSS of the intake {result.worst_intake_rss / MB:.1f} MB and of a "
         f"validation worker {result.worst_worker_rss / MB:.0f} MB, "
         f"target < {TARGET_RSS / MB:.0f} MB"
     )
@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=2, help="direct/intake pairs")
     parser.add_argument("--backend", choices=["sqlite", "postgresql"], default="sqlite")
     args = parser.parse_args(argv)
+    support.exit_on_sigterm()
     with tempfile.TemporaryDirectory(prefix="bench-large-") as tmp:
         result = run(Path(tmp), Backend(args.backend), pixel_bytes=args.mib * MIB, reps=args.reps)
     print("\n".join(report(result)))

@@ -14,6 +14,7 @@ import os
 import platform
 import queue
 import random
+import signal
 import socket
 import sqlite3
 import statistics
@@ -83,6 +84,16 @@ def uvloop_env(folder: Path) -> dict[str, str]:
     )
     path = os.environ.get("PYTHONPATH")
     return {"PYTHONPATH": f"{folder}{os.pathsep}{path}" if path else str(folder)}
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM unwind like Ctrl-C, so the ``finally`` blocks stop every Orthanc and
+    intake this benchmark started (the intakes would otherwise outlive it)."""
+
+    def leave(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, leave)
 
 
 # --------------------------------------------------------------------------- data

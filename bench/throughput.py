@@ -599,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, metavar="FILE", help="write every run as JSON")
     args = parser.parse_args(argv)
+    support.exit_on_sigterm()
 
     sizes = QUICK if args.quick else FULL
     if args.reps is not None:
