@@ -28,7 +28,7 @@ from pathlib import Path
 
 from bench import support
 from bench.support import MB, MIB, Backend
-from tests.support.intake import peak_rss
+from tests.support.intake import current_rss, peak_rss, reset_peak_rss
 from tests.support.orthanc import OrthancProcess
 
 TARGET_RSS = 150 * MB
@@ -102,8 +102,8 @@ def _intake_run(
 
 def run(tmp: Path, backend: Backend, *, pixel_bytes: int, reps: int) -> LargeResult:
     """Generate the file in ``tmp``, run ``reps`` direct/intake pairs, clean up."""
-    support.reset_peak_rss(os.getpid())  # from here on, this benchmark's own peak
-    bench_start_rss = support.current_rss(os.getpid())
+    reset_peak_rss(os.getpid())  # from here on, this benchmark's own peak
+    bench_start_rss = current_rss(os.getpid())
     began = time.perf_counter()
     path = tmp / "large-instance.dcm"
     size = support.write_multiframe(path, pixel_bytes, patient_id="BENCH-HUGE")

@@ -38,7 +38,7 @@ from pydicom.uid import (
 
 from app.settings import Settings
 from tests.support import postgres
-from tests.support.intake import IntakeProcess, Site, peak_rss
+from tests.support.intake import IntakeProcess, Site, current_rss, peak_rss
 from tests.support.orthanc import OrthancProcess
 from tests.support.studies import make_study
 
@@ -519,18 +519,6 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def current_rss(pid: int) -> int:
-    """Resident memory now (VmRSS), in bytes; 0 when the process is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def command_line(pid: int) -> str:
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -571,12 +559,6 @@ class CpuMeter:
     def read(self) -> dict[str, float]:
         now = self._now()
         return {name: round(now[name] - self._start.get(name, 0.0), 3) for name in now}
-
-
-def reset_peak_rss(pid: int) -> None:
-    """Start a process's VmHWM afresh from its current RSS (Linux 4.0+: clear_refs 5)."""
-    with contextlib.suppress(OSError):
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
 def own_peak_rss() -> int:

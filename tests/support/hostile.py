@@ -64,7 +64,7 @@ from tests.dicom_samples import (
     part10,
 )
 from tests.support.archives import claims_entries, encrypted_zip, make_zip, overlapping_zip
-from tests.support.intake import peak_rss
+from tests.support.intake import current_rss, peak_rss, reset_peak_rss
 from tests.support.studies import make_nested, make_study
 
 __all__ = [
@@ -863,16 +863,6 @@ def worker_pids(pid: int) -> list[int]:
     return workers
 
 
-def reset_peak(pid: int) -> bool:
-    """Reset VmHWM to the current RSS (Linux ≥ 4.0, same user); False when not allowed."""
-    try:
-        with open(f"/proc/{pid}/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
-
-
 @dataclass
 class Memory:
     """Peak RSS during one case: the intake's growth above its RSS at the start, and the
@@ -891,7 +881,7 @@ def measure(pid: int) -> Iterator[Memory]:
     memory = Memory()
     workers = worker_pids(pid)
     for process in (pid, *workers):
-        memory.reset = reset_peak(process) and memory.reset
+        memory.reset = reset_peak_rss(process) and memory.reset
     # After a reset VmHWM equals VmRSS; without one, growth above VmRSS is an upper bound.
     start = current_rss(pid)
     worker_start = max((current_rss(w) for w in workers), default=0)
@@ -899,15 +889,6 @@ def measure(pid: int) -> Iterator[Memory]:
     memory.intake_growth = peak_rss(pid) - start
     memory.worker_peak = max((_peak_or_zero(w) for w in worker_pids(pid)), default=0)
     memory.worker_growth = max(0, memory.worker_peak - worker_start)
-
-
-def current_rss(pid: int) -> int:
-    """VmRSS in bytes (0 for a process that is gone)."""
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def _peak_or_zero(pid: int) -> int:
