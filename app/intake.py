@@ -280,37 +280,50 @@ class Intake:
         except IntakeError as exc:
             await self._refuse(self._context(site, remote_addr), received, exc, note=name)
             raise
-        later: IntakeError | None = None
+        skips: list[Upload] = []  # an archive's skipped entries: one transaction, not one each
         with opened:
-            for entry in opened.entries:
-                if later is not None:  # not opened: the site sends the archive again later
-                    batch.items.append(Item(entry.name, Refusal(later, uuid.uuid4().hex)))
-                    continue
-                ctx = self._context(site, remote_addr, extra_instance=bool(batch.items))
-                try:
-                    part = await asyncio.to_thread(opened.extract, entry, self._spool)
-                except archive.Skipped as skip:
-                    batch.skipped.append((entry.name, skip.reason))
-                    # Recorded as a refusal of that entry; the answer leaves it out, as Orthanc.
-                    error = DicomdirNotAnInstance if skip.reason == "dicomdir" else NotDicom
-                    await self._refuse(ctx, None, error(f"skipped: {skip.detail}"))
-                    continue
-                except IntakeError as exc:
-                    await self._refuse(ctx, None, exc, note=entry.name)
-                    self._metrics.record_refusal(site.name, exc.reason, 0.0)
-                    exc.recorded = True
-                    batch.items.append(Item(entry.name, Refusal(exc, ctx.receipt)))
-                    later = exc if isinstance(exc, _TRY_LATER) else None
-                    continue
-                outcome = await self._accept(ctx, part)
-                if isinstance(outcome, Refusal) and isinstance(
-                    outcome.error, DicomdirNotAnInstance
-                ):
-                    batch.skipped.append((entry.name, outcome.error.reason))
-                    continue
-                batch.items.append(Item(entry.name, outcome))
-                if isinstance(outcome, Refusal) and isinstance(outcome.error, _TRY_LATER):
-                    later = outcome.error
+            try:
+                return await self._unpack_entries(site, remote_addr, opened, batch, skips)
+            finally:
+                await asyncio.to_thread(self._save_rejections, skips)
+
+    async def _unpack_entries(
+        self,
+        site: AuthenticatedSite,
+        remote_addr: str | None,
+        opened: archive.Archive,
+        batch: Batch,
+        skips: list[Upload],
+    ) -> IntakeError | None:
+        """The entries in archive order; a "try later" error if one stopped the rest."""
+        later: IntakeError | None = None
+        for entry in opened.entries:
+            if later is not None:  # not opened: the site sends the archive again later
+                batch.items.append(Item(entry.name, Refusal(later, uuid.uuid4().hex)))
+                continue
+            ctx = self._context(site, remote_addr, extra_instance=bool(batch.items))
+            try:
+                part = await asyncio.to_thread(opened.extract, entry, self._spool)
+            except archive.Skipped as skip:
+                batch.skipped.append((entry.name, skip.reason))
+                # Recorded as a refusal of that entry; the answer leaves it out, as Orthanc.
+                error = DicomdirNotAnInstance if skip.reason == "dicomdir" else NotDicom
+                await self._refuse(ctx, None, error(f"skipped: {skip.detail}"), batch=skips)
+                continue
+            except IntakeError as exc:
+                await self._refuse(ctx, None, exc, note=entry.name)
+                self._metrics.record_refusal(site.name, exc.reason, 0.0)
+                exc.recorded = True
+                batch.items.append(Item(entry.name, Refusal(exc, ctx.receipt)))
+                later = exc if isinstance(exc, _TRY_LATER) else None
+                continue
+            outcome = await self._accept(ctx, part)
+            if isinstance(outcome, Refusal) and isinstance(outcome.error, DicomdirNotAnInstance):
+                batch.skipped.append((entry.name, outcome.error.reason))
+                continue
+            batch.items.append(Item(entry.name, outcome))
+            if isinstance(outcome, Refusal) and isinstance(outcome.error, _TRY_LATER):
+                later = outcome.error
         return later
 
     async def _accept(self, ctx: _Context, received: Received) -> Receipt | Refusal:
@@ -389,10 +402,16 @@ class Intake:
         *,
         summary: dicom.Summary | None = None,
         note: str | None = None,
+        batch: list[Upload] | None = None,
     ) -> None:
-        """Log a refusal and keep a ``rejected`` row of it (not for "try later" errors)."""
+        """Log a refusal and keep a ``rejected`` row of it (not for "try later" errors):
+        now, or appended to ``batch`` for its caller to save with others in one go."""
         if not isinstance(exc, ServiceUnavailable | TooManyRequests):
-            await asyncio.to_thread(self._record_rejection, ctx, received, exc, summary, note)
+            row = self._rejected_row(ctx, received, exc, summary, note)
+            if batch is not None:
+                batch.append(row)
+            else:
+                await asyncio.to_thread(self._save_rejections, [row])
         log.info(
             "upload refused site=%s receipt=%s reason=%s detail=%s",
             ctx.site.name,
@@ -516,14 +535,14 @@ class Intake:
             sop_instance_uid=summary.sop_instance_uid,
         )
 
-    def _record_rejection(
+    def _rejected_row(
         self,
         ctx: _Context,
         received: Received | None,
         error: IntakeError,
         summary: dicom.Summary | None = None,
         note: str | None = None,
-    ) -> None:
+    ) -> Upload:
         """A `rejected` row; with the file's UIDs when it was refused after validation."""
         uids: dict[str, str | None] = {}
         if summary is not None:
@@ -536,25 +555,30 @@ class Intake:
                 "transfer_syntax_uid": summary.transfer_syntax_uid,
                 "modality": summary.modality,
             }
+        return Upload(
+            **uids,
+            receipt=ctx.receipt,
+            request_id=logs.request_id.get(),
+            site_id=ctx.site.site_id,
+            remote_addr=ctx.remote_addr,
+            received_at=ctx.received_at,
+            byte_size=received.byte_size if received else 0,
+            sha256=received.sha256 if received else None,
+            state=State.REJECTED,
+            reason=error.reason,
+            detail=(f"{note}: {error.detail}" if note else error.detail)[:2000],
+            attempts=0,
+            failed_answers=0,
+        )
+
+    def _save_rejections(self, rows: list[Upload]) -> None:
+        """Refusals are recorded, in one transaction however many; never fatal."""
+        if not rows:
+            return
         try:
             with self._sessions() as session:
-                session.add(
-                    Upload(
-                        **uids,
-                        receipt=ctx.receipt,
-                        request_id=logs.request_id.get(),
-                        site_id=ctx.site.site_id,
-                        remote_addr=ctx.remote_addr,
-                        received_at=ctx.received_at,
-                        byte_size=received.byte_size if received else 0,
-                        sha256=received.sha256 if received else None,
-                        state=State.REJECTED,
-                        reason=error.reason,
-                        detail=(f"{note}: {error.detail}" if note else error.detail)[:2000],
-                        attempts=0,
-                        failed_answers=0,
-                    )
-                )
+                session.add_all(rows)
                 session.commit()
         except SQLAlchemyError as exc:
-            log.error("could not record the refusal of receipt=%s: %s", ctx.receipt, exc)
+            receipts = ", ".join(row.receipt for row in rows[:5])
+            log.error("could not record %d refusal(s) (%s): %s", len(rows), receipts, exc)
