@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import uvicorn
 from fastapi import FastAPI
 
-from app import __version__, tls
+from app import __version__, protocol, tls
 from app.api import admin, dicomweb, pages, public
 from app.api.admin.deps import install_admin_errors
 from app.api.errors import install_orthanc_errors
@@ -107,7 +107,7 @@ def _config(
         # Our own context (app/tls.py), kept by reference so a renewed certificate can be
         # loaded into it; the protocol adds the client certificate's fingerprint.
         ssl_context_factory=None if context is None else (lambda _config, _default: context),
-        http=tls.protocol(settings.header_timeout_seconds),
+        http=protocol.protocol(settings.header_timeout_seconds),
     )
 
 

@@ -14,8 +14,8 @@ from app.api.deps import ServiceDep
 from app.errors import MalformedMultipart
 from app.intake import Batch, Item, Receipt, Refusal
 from app.parts import MediaType
+from app.protocol import CLIENT_CERT_STATE
 from app.service import Service
-from app.tls import CLIENT_CERT_STATE
 
 log = logging.getLogger(__name__)
 router = APIRouter(redirect_slashes=False)
@@ -31,7 +31,7 @@ async def get_site(request: Request, service: ServiceDep) -> sites.Authenticated
     return await service.access.authenticate(
         request.headers.get("authorization"),
         address,
-        getattr(request.state, CLIENT_CERT_STATE, None),  # set by app/tls.py's protocol
+        getattr(request.state, CLIENT_CERT_STATE, None),  # set by app/protocol.py
     )
 
 
