@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import create_engine, select
 
 from app.models import Upload
-from tests.support.intake import ROOT, IntakeProcess
+from tests.support.intake import ROOT, IntakeProcess, wait_until
 from tests.support.orthanc import OrthancProcess
 from tests.support.studies import make_study
 
@@ -54,11 +54,10 @@ def test_sighup_without_tls_leaves_the_service_running(intake: IntakeProcess) ->
     pid = intake.pid
     assert pid is not None
     os.kill(pid, signal.SIGHUP)
-    time.sleep(1)
+    wait_until(lambda: "no TLS certificate to reload" in intake.log_text(), timeout=10)
     assert intake.returncode is None
     with intake.client() as client:
         assert client.get("/system").status_code == 401  # still answering
-    assert "no TLS certificate to reload" in intake.log_text()
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
