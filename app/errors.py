@@ -29,6 +29,8 @@ listener puts in its Orthanc-shaped JSON. Nothing here imports FastAPI.
     │   ├── HeldByAnotherNode         its file is in another host's spool: ask that host
     │   └── DeliveryNotFailed         only failed webhook deliveries are retried
     ├── ClientTimeout ............... 408  (body trickled slower than allowed)
+    ├── UriTooLong .................. 414  (a request target over the header cap)
+    ├── HeadersTooLarge ............. 431  (request headers over the size or count cap)
     ├── InstanceTooLarge ............ 413  (body or inflated body over the cap)
     │   ├── ArchiveTooLarge           a ZIP over its entry, inflated-size or ratio caps
     │   └── TooManyParts              a multipart body with more parts than allowed
@@ -212,6 +214,22 @@ class ClientTimeout(IntakeError):
     orthanc_status = 16
     message = "Request body timeout"
     reason = "client_timeout"
+
+
+class UriTooLong(IntakeError):
+    status_code = 414
+    orthanc_error = "Bad request"
+    orthanc_status = 8
+    message = "URI too long"
+    reason = "uri_too_long"
+
+
+class HeadersTooLarge(IntakeError):
+    status_code = 431
+    orthanc_error = "Bad request"
+    orthanc_status = 8
+    message = "Request header fields too large"
+    reason = "headers_too_large"
 
 
 class InstanceTooLarge(IntakeError):

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Literal
 
 from sqlalchemy import or_, select
 from sqlalchemy.exc import SQLAlchemyError
@@ -30,6 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app import archive, dicom, logs, parts, usage
 from app.errors import (
+    ArchiveTooLarge,
     DicomdirNotAnInstance,
     InstanceTooLarge,
     IntakeError,
@@ -236,6 +238,8 @@ class Intake:
         batch = Batch([], [])
         later: IntakeError | None = None  # a "try later" refusal ends the batch
         try:
+            if len(files) > 1 and any(received.archive for _, received in files):
+                await self._survey(site, remote_addr, files)
             for name, received in files:
                 if later is not None:
                     self._spool.discard(received.path)
@@ -260,6 +264,49 @@ class Intake:
             raise later  # nothing was taken: the whole request is to be sent again later
         return batch
 
+    def _archive_limits(
+        self, site: AuthenticatedSite, used_files: int = 0, used_bytes: int = 0
+    ) -> archive.Limits:
+        """An archive's caps: the request's, less what its other files already took."""
+        return archive.Limits(
+            max_entries=self._settings.max_files_per_request - used_files,
+            max_inflated_bytes=self._settings.max_archive_inflated_bytes - used_bytes,
+            max_ratio=self._settings.max_archive_ratio,
+            max_entry_bytes=site.policy.max_bytes(self._settings.max_instance_bytes),
+        )
+
+    async def _survey(
+        self,
+        site: AuthenticatedSite,
+        remote_addr: str | None,
+        files: list[tuple[str | None, Received]],
+    ) -> None:
+        """The request's file and inflated-size caps across all its parts and archives,
+        checked from the central directories before anything of the request is stored."""
+        cap = self._settings.max_files_per_request
+        used_files = used_bytes = 0
+        for name, received in files:
+            try:
+                if not received.archive:
+                    used_files += 1
+                    if used_files > cap:
+                        raise ArchiveTooLarge(f"the request holds more than {cap} files")
+                    continue
+                limits = self._archive_limits(site, used_files, used_bytes)
+                with await asyncio.to_thread(archive.Archive, received.path, limits) as opened:
+                    used_files += len(opened.entries)
+                    used_bytes += sum(entry.size for entry in opened.entries)
+            except IntakeError as exc:
+                if isinstance(exc, ArchiveTooLarge):
+                    exc = ArchiveTooLarge(
+                        f"{exc.detail}: its parts and the entries of its archives count "
+                        f"together (INTAKE_MAX_FILES_PER_REQUEST={cap}, "
+                        "INTAKE_MAX_ARCHIVE_INFLATED_BYTES="
+                        f"{self._settings.max_archive_inflated_bytes})"
+                    )
+                await self._refuse(self._context(site, remote_addr), received, exc, note=name)
+                raise exc from None
+
     async def _unpack(
         self,
         site: AuthenticatedSite,
@@ -269,14 +316,10 @@ class Intake:
         batch: Batch,
     ) -> IntakeError | None:
         """One ZIP archive's entries into ``batch``; a "try later" error if one stopped it."""
-        limits = archive.Limits(
-            max_entries=self._settings.max_files_per_request,
-            max_inflated_bytes=self._settings.max_archive_inflated_bytes,
-            max_ratio=self._settings.max_archive_ratio,
-            max_entry_bytes=site.policy.max_bytes(self._settings.max_instance_bytes),
-        )
         try:
-            opened = await asyncio.to_thread(archive.Archive, received.path, limits)
+            opened = await asyncio.to_thread(
+                archive.Archive, received.path, self._archive_limits(site)
+            )
         except IntakeError as exc:
             await self._refuse(self._context(site, remote_addr), received, exc, note=name)
             raise
@@ -462,6 +505,7 @@ class Intake:
             failed_answers=0,
         )
         kept: Path | None = None
+        status = ORTHANC_ALREADY_STORED
         try:
             with self._sessions() as session:
                 prior = session.execute(
@@ -490,7 +534,6 @@ class Intake:
                 if ctx.extra_instance and rate is not None:
                     # Admission counted the request's first instance; the others count here.
                     usage.take_instance(session, ctx.site.site_id, rate, utcnow())
-                status = ORTHANC_ALREADY_STORED
                 if same is not None:
                     row.state = State.DUPLICATE
                     row.duplicate_of_id = same.id
@@ -516,15 +559,32 @@ class Intake:
             self._spool.discard(kept or received.path)
             raise
         except SQLAlchemyError as exc:
-            # No committed row, so no acknowledgement: take the file back out.
-            self._spool.discard(kept or received.path)
             log.error("database error while recording receipt=%s: %s", ctx.receipt, exc)
+            committed = self._committed(ctx.receipt) if kept is not None else False
+            if committed is None:
+                # The commit may have happened (its answer was lost) and the database
+                # cannot tell now: keep the file, so a row that exists keeps its copy.
+                # Start-up removes it later if no row holds it (ORPHAN_GRACE_SECONDS).
+                log.warning("receipt=%s: commit outcome unknown; its file is kept", ctx.receipt)
+            elif committed:
+                # The commit happened; only its acknowledgement was lost.
+                log.warning("receipt=%s: the commit happened after all", ctx.receipt)
+                row.id = committed
+                return self._receipt(ctx, row, status, ids, summary)
+            else:  # no committed row, so no acknowledgement: take the file back out
+                self._spool.discard(kept or received.path)
             raise ServiceUnavailable("the intake database is unavailable; try again") from exc
         except BaseException:
             self._spool.discard(kept or received.path)
             raise
         if row.state is State.DUPLICATE:
             self._spool.discard(received.path)
+        return self._receipt(ctx, row, status, ids, summary)
+
+    @staticmethod
+    def _receipt(
+        ctx: _Context, row: Upload, status: str, ids: dicom.OrthancIds, summary: dicom.Summary
+    ) -> Receipt:
         return Receipt(
             upload_id=row.id,
             receipt=ctx.receipt,
@@ -534,6 +594,16 @@ class Intake:
             sop_class_uid=summary.sop_class_uid,
             sop_instance_uid=summary.sop_instance_uid,
         )
+
+    def _committed(self, receipt: str) -> int | Literal[False] | None:
+        """After a failed commit: the row's id if it was committed after all, False if it
+        was not, None if the database cannot tell now (a lost answer to ``COMMIT``)."""
+        try:
+            with self._sessions() as session:
+                found = session.scalar(select(Upload.id).where(Upload.receipt == receipt))
+        except SQLAlchemyError:
+            return None
+        return False if found is None else found
 
     def _rejected_row(
         self,

@@ -14,8 +14,8 @@ from fastapi import FastAPI
 
 from app import __version__, protocol, tls
 from app.api import admin, dicomweb, pages, public
-from app.api.admin.deps import install_admin_errors
-from app.api.errors import install_orthanc_errors
+from app.api.admin.deps import admin_error_body, install_admin_errors
+from app.api.errors import install_orthanc_errors, orthanc_error_body
 from app.api.request_ids import RequestIdMiddleware
 from app.service import Service
 from app.settings import Settings
@@ -93,6 +93,7 @@ def _config(
     host: str,
     port: int,
     settings: Settings,
+    error_body: protocol.ErrorBody,
     context: ssl.SSLContext | None = None,
 ) -> uvicorn.Config:
     return uvicorn.Config(
@@ -107,7 +108,14 @@ def _config(
         # Our own context (app/tls.py), kept by reference so a renewed certificate can be
         # loaded into it; the protocol adds the client certificate's fingerprint.
         ssl_context_factory=None if context is None else (lambda _config, _default: context),
-        http=protocol.protocol(settings.header_timeout_seconds),
+        http=protocol.protocol(
+            protocol.HeaderLimits(
+                timeout=settings.header_timeout_seconds,
+                max_bytes=settings.max_header_bytes,
+                max_count=settings.max_header_count,
+            ),
+            error_body,
+        ),
     )
 
 
@@ -122,12 +130,17 @@ async def serve(settings: Settings) -> None:
             settings.public_host,
             settings.public_port,
             settings,
+            orthanc_error_body,
             context,
         )
     )
     admin_server = _Server(
         _config(
-            create_admin_app(settings, service), settings.admin_host, settings.admin_port, settings
+            create_admin_app(settings, service),
+            settings.admin_host,
+            settings.admin_port,
+            settings,
+            admin_error_body,
         )
     )
     loop = asyncio.get_running_loop()

@@ -221,15 +221,15 @@ class Settings(BaseSettings):
     max_files_per_request: int = Field(
         default=10_000,
         ge=1,
-        description="Most ZIP entries or multipart parts in one request; more gets 413 "
-        "and nothing of the request is stored.",
+        description="Most files in one request: its multipart parts and the entries of "
+        "all its ZIP archives together; more gets 413 and nothing of the request is stored.",
         json_schema_extra=_group(Group.UPLOADS),
     )
     max_archive_inflated_bytes: int = Field(
         default=16384 * MiB,
         gt=0,
-        description="Most bytes all of a ZIP archive's entries together may inflate to, "
-        "checked before any entry is inflated; more gets 413 `archive_too_large`.",
+        description="Most bytes the entries of a request's ZIP archives may inflate to, all "
+        "together, checked before any entry is inflated; more gets 413 `archive_too_large`.",
         json_schema_extra=_group(Group.UPLOADS),
     )
     max_archive_ratio: float = Field(
@@ -266,6 +266,19 @@ class Settings(BaseSettings):
         description="Seconds a client has, from connecting (and from each request's first "
         "byte), to send complete request headers; slower connections are closed (a "
         "slowloris defence uvicorn lacks).",
+        json_schema_extra=_group(Group.UPLOADS),
+    )
+    max_header_bytes: int = Field(
+        default=64 * 1024,
+        ge=1024,
+        description="Most bytes of a request's head (request line and header lines); a "
+        "longer request target gets 414, a longer head 431, and the connection closes.",
+        json_schema_extra=_group(Group.UPLOADS),
+    )
+    max_header_count: int = Field(
+        default=100,
+        ge=8,
+        description="Most header lines in one request; more gets 431.",
         json_schema_extra=_group(Group.UPLOADS),
     )
     body_min_rate_bytes_per_second: int = Field(

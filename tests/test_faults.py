@@ -26,12 +26,14 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from app.db import SQLITE_BUSY_TIMEOUT_MS
+from tests.support import postgres
 from tests.support.archives import make_zip
 from tests.support.faults import (
     MIB,
     Answer,
     Attempt,
     Audit,
+    CommitTrap,
     Delay,
     FirstN,
     HttpProxy,
@@ -501,6 +503,64 @@ def test_postgresql_stopped_gives_503_and_no_acknowledgement_without_a_row(
         if intake is not None:
             intake.kill()
         cluster.destroy()
+
+
+def test_a_commit_whose_answer_is_lost_is_acknowledged_and_delivered(
+    own_orthanc: OrthancProcess, tmp_path: Path
+) -> None:
+    """PostgreSQL commits the upload's row, and the connection is cut before its answer
+    reaches the intake (an ambiguous commit). The intake must look the row up: it exists,
+    so the upload is acknowledged and its file kept and delivered, not deleted with a 503
+    (which left a queued row with no file, and the site's resend taken as a duplicate)."""
+    database_url = postgres.create_database()
+    try:
+        with CommitTrap(make_url(database_url).port or 5432) as trap:
+            intake = IntakeProcess(tmp_path / "intake", trap.url(database_url), orthanc=own_orthanc)
+            with intake:
+                site = intake.add_site("hospital-q")
+                data = make_study(n_series=1, per_series=1)[0]
+                trap.arm()
+                with intake.client(site) as client:
+                    attempt = post(client, data)
+                assert trap.fired == 1, "the trap did not see the upload's COMMIT"
+                assert attempt.status == 200, attempt
+                assert "the commit happened after all" in intake.log_text()
+                _assert_exactly_once("commit answer lost", intake, own_orthanc, [attempt])
+    finally:
+        postgres.drop_database(database_url)
+
+
+def test_a_commit_whose_outcome_cannot_be_known_keeps_its_file(
+    own_orthanc: OrthancProcess, tmp_path: Path
+) -> None:
+    """The commit's answer is lost and the database stays unreachable, so the intake
+    cannot tell whether the row exists: 503, and the file is kept. The row did commit,
+    so once the database is back the forwarder delivers it, and the site's resend is
+    answered as a duplicate of it: the instance is in Orthanc once."""
+    database_url = postgres.create_database()
+    try:
+        with CommitTrap(make_url(database_url).port or 5432) as trap:
+            intake = IntakeProcess(tmp_path / "intake", trap.url(database_url), orthanc=own_orthanc)
+            with intake:
+                site = intake.add_site("hospital-r")
+                data = make_study(n_series=1, per_series=1)[0]
+                trap.arm(refuse_after=True)
+                with intake.client(site) as client:
+                    first = post(client, data)
+                    assert trap.fired == 1, "the trap did not see the upload's COMMIT"
+                    assert first.status == 503, first
+                    assert "commit outcome unknown" in intake.log_text()
+                    trap.refusing = False
+                    wait_for(lambda: _settled(intake), SETTLE_SECONDS, "not delivered")
+                    again = post(client, data)
+                assert again.status == 200, again
+                rows = upload_rows(database_url)
+                assert sorted(r.state for r in rows) == ["duplicate", "forwarded"]
+                contents = orthanc_contents(own_orthanc)
+                assert contents[sop_uid(data)] == again.digest
+                assert orthanc_count(own_orthanc) == 1
+    finally:
+        postgres.drop_database(database_url)
 
 
 @SQLITE_ONLY

@@ -11,16 +11,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.errors import IntakeError, MethodNotAllowed, NotFound
 
 
-def orthanc_error_body(error: IntakeError, request: Request) -> dict[str, object]:
+def orthanc_error_body(error: IntakeError, method: str, path: str) -> dict[str, object]:
     """The shape Orthanc answers errors with (see shared/ORTHANC.md)."""
     body: dict[str, object] = {
         "HttpError": HTTPStatus(error.status_code).phrase,
         "HttpStatus": error.status_code,
         "Message": error.message,
-        "Method": request.method,
+        "Method": method,
         "OrthancError": error.orthanc_error,
         "OrthancStatus": error.orthanc_status,
-        "Uri": request.url.path,
+        "Uri": path,
     }
     if error.detail:
         body["Details"] = error.detail
@@ -31,7 +31,9 @@ def install_orthanc_errors(app: FastAPI) -> None:
     async def _intake_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, IntakeError)
         return JSONResponse(
-            orthanc_error_body(exc, request), status_code=exc.status_code, headers=exc.headers
+            orthanc_error_body(exc, request.method, request.url.path),
+            status_code=exc.status_code,
+            headers=exc.headers,
         )
 
     async def _http_error(request: Request, exc: Exception) -> JSONResponse:

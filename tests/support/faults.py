@@ -28,8 +28,10 @@ import json
 import os
 import random
 import re
+import select as io_select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -48,6 +50,7 @@ import psycopg
 import pydicom
 import pytest
 from sqlalchemy import create_engine, select
+from sqlalchemy.engine import make_url
 
 from app.models import Upload
 from tests.support.intake import IntakeProcess, Site
@@ -365,6 +368,108 @@ def is_store(request: ProxyRequest) -> bool:
 
 
 # --------------------------------------------------------------------------- PostgreSQL
+
+
+class CommitTrap:
+    """A TCP proxy in front of PostgreSQL that can lose the answer to one ``COMMIT``.
+
+    Armed, the first connection that sends ``INSERT INTO uploads`` and then ``COMMIT``
+    has its ``COMMIT`` passed to the server and answered there (the transaction is
+    durable), and then both sides are cut before the answer reaches the client, which
+    sees a lost connection: an ambiguous commit. With ``refuse_after``, new connections
+    are then closed at once until ``refusing`` is cleared (the database "stays down").
+    The traffic must be plain (``sslmode=disable``) for the trap to read it.
+    """
+
+    _COMMIT = b"COMMIT\x00"  # in a simple Query or a Parse message
+    _READY = b"Z\x00\x00\x00\x05"  # ReadyForQuery: the server answered all of it
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = 0
+        self.fired = 0
+        self.refusing = False
+        self._armed = False
+        self._refuse_after = False
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._stopping = threading.Event()
+
+    def arm(self, *, refuse_after: bool = False) -> None:
+        with self._lock:
+            self._armed = True
+            self._refuse_after = refuse_after
+
+    def url(self, database_url: str) -> str:
+        """``database_url`` (on the upstream server) through the trap, in plain text."""
+        return (
+            make_url(database_url)
+            .set(port=self.port, query={"sslmode": "disable", "gssencmode": "disable"})
+            .render_as_string(hide_password=False)
+        )
+
+    def __enter__(self) -> CommitTrap:
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.settimeout(0.2)
+        self._listener = listener
+        self.port = listener.getsockname()[1]
+        threading.Thread(target=self._accept, name="commit-trap", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stopping.set()
+        if self._listener is not None:
+            self._listener.close()
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        while not self._stopping.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if self.refusing:
+                client.close()
+                continue
+            threading.Thread(target=self._pump, args=(client,), daemon=True).start()
+
+    def _pump(self, client: socket.socket) -> None:
+        inserted = False
+        with client, socket.create_connection(("127.0.0.1", self.upstream_port)) as server:
+            while not self._stopping.is_set():
+                ready, _, _ = io_select.select([client, server], [], [], 0.2)
+                for sock in ready:
+                    data = sock.recv(_READ_CHUNK)
+                    if not data:
+                        return
+                    if sock is server:
+                        client.sendall(data)
+                        continue
+                    inserted = inserted or b"INSERT INTO uploads" in data
+                    server.sendall(data)
+                    if inserted and self._COMMIT in data and self._take():
+                        self._swallow_answer(server)
+                        return  # both sides closed: the client never hears of the COMMIT
+
+    def _take(self) -> bool:
+        with self._lock:
+            if not self._armed:
+                return False
+            self._armed = False
+            self.fired += 1
+            self.refusing = self._refuse_after
+            return True
+
+    def _swallow_answer(self, server: socket.socket) -> None:
+        server.settimeout(10)
+        answer = b""
+        while self._READY not in answer:
+            chunk = server.recv(_READ_CHUNK)
+            if not chunk:
+                break
+            answer += chunk
 
 
 def _postgres_bin() -> Path:

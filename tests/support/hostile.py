@@ -26,7 +26,7 @@ import struct
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import httpx
@@ -312,7 +312,7 @@ def zip_nested(levels: int) -> bytes:
 # --- multipart bodies ---------------------------------------------------------------------
 
 
-def form(parts: list[tuple[str, str | None, bytes]], *, close: bool = True) -> bytes:
+def form(parts: Sequence[tuple[str, str | None, bytes]], *, close: bool = True) -> bytes:
     body = b""
     for name, filename, data in parts:
         disposition = f'form-data; name="{name}"'

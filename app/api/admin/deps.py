@@ -46,10 +46,15 @@ def _body(error: str, detail: str, status: int, headers: Any = None) -> JSONResp
     return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
 
 
+def admin_error_body(error: IntakeError, _method: str = "", _path: str = "") -> dict[str, object]:
+    """The admin listener's error shape: ``{"error": reason, "detail": ...}``."""
+    return {"error": error.reason, "detail": error.detail or error.message}
+
+
 def install_admin_errors(app: FastAPI) -> None:
     async def _intake_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, IntakeError)  # registered for IntakeError only
-        return _body(exc.reason, exc.detail or exc.message, exc.status_code, exc.headers)
+        return JSONResponse(admin_error_body(exc), status_code=exc.status_code, headers=exc.headers)
 
     async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)  # registered for it only
