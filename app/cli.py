@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import hashlib
@@ -85,11 +84,11 @@ def _print_json(value: Any) -> None:
 @cli.command()
 def serve() -> None:
     """Run the public and admin listeners and the forwarder."""
-    from app.main import serve as run  # imported here: keeps the other commands light
+    from app.main import run  # imported here: keeps the other commands light
 
     settings = _settings()
     _logging(settings)
-    asyncio.run(run(settings))
+    run(settings)
 
 
 @cli.command()

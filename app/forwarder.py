@@ -1,11 +1,11 @@
 """Delivery of queued uploads to the private Orthanc: claims, retries, quarantine.
 
-Each worker claims one due row at a time with a lease (``FOR UPDATE SKIP LOCKED``
-on PostgreSQL; SQLite serialises writers with BEGIN IMMEDIATE), so several intake
-processes can share a database and a dead process's rows come back when their
-lease ends. Orthanc being unreachable is waited out for ever, with back-off;
-error answers (5xx) are retried up to ``forward_max_attempts`` and refusals
-(4xx) are quarantined at once, the file kept for an admin.
+One claimer leases due rows for the idle senders, several at a time, with a lease
+(``FOR UPDATE SKIP LOCKED`` on PostgreSQL; SQLite serialises writers with BEGIN
+IMMEDIATE), so several intake processes can share a database and a dead process's
+rows come back when their lease ends. Orthanc being unreachable is waited out for
+ever, with back-off; error answers (5xx) are retried up to ``forward_max_attempts``
+and refusals (4xx) are quarantined at once, the file kept for an admin.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import ColumnElement, or_, select
+from sqlalchemy import ColumnElement, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import logs
@@ -81,49 +81,86 @@ class Forwarder:
         self._orthanc_down_logged = False
 
     def notify(self) -> None:
-        """A row was queued: wake the workers now rather than at the next poll."""
+        """A row was queued: wake the claimer now rather than at the next poll."""
         self._wake.set()
 
     async def run(self) -> None:
-        """Deliver until cancelled."""
-        workers = [
-            asyncio.create_task(self._worker(), name=f"forwarder-{i}")
-            for i in range(self._settings.forward_concurrency)
-        ]
-        try:
-            await asyncio.gather(*workers)
-        finally:
-            for task in workers:
-                task.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
+        """Deliver until cancelled: one claimer feeds ``forward_concurrency`` senders.
 
-    async def _worker(self) -> None:
+        Only the claimer queries for due rows, in one transaction for as many rows as
+        there are idle senders; a wake-up costs one claim, not one per idle sender (the
+        "thundering herd" that made empty claims most of the forwarder's work).
+        """
+        concurrency = self._settings.forward_concurrency
+        idle = asyncio.Semaphore(concurrency)
+        claims: asyncio.Queue[_Claim] = asyncio.Queue()
+        tasks = [
+            asyncio.create_task(self._sender(claims, idle), name=f"forwarder-{i}")
+            for i in range(concurrency)
+        ]
+        tasks.append(asyncio.create_task(self._claimer(claims, idle), name="forwarder-claims"))
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _claimer(self, claims: asyncio.Queue[_Claim], idle: asyncio.Semaphore) -> None:
         poll = self._settings.forward_poll_seconds
         while True:
+            await idle.acquire()  # at least one sender is free
+            wanted = 1
+            while not idle.locked():  # and every other free one
+                await idle.acquire()
+                wanted += 1
+            self._wake.clear()  # a notify() from here on is seen by the wait below
             try:
-                claim = await asyncio.to_thread(self._claim)
-                if claim is not None:
-                    await self.deliver(claim)
-                    continue
+                taken = await asyncio.to_thread(self._claim, wanted)
             except Exception:
-                # A worker never dies: whatever went wrong, the row's lease runs out and
+                # The claimer never dies: a database error is retried after a pause.
+                log.exception("forwarder claim error; carrying on")
+                taken = []
+                await asyncio.sleep(poll)
+            for claim in taken:
+                claims.put_nowait(claim)
+            for _ in range(wanted - len(taken)):
+                idle.release()
+            if len(taken) < wanted:  # nothing more is due now
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), poll)
+
+    async def _sender(self, claims: asyncio.Queue[_Claim], idle: asyncio.Semaphore) -> None:
+        while True:
+            claim = await claims.get()
+            try:
+                await self.deliver(claim)
+            except Exception:
+                # A sender never dies: whatever went wrong, the row's lease runs out and
                 # the row is claimed again.
                 log.exception("forwarder worker error; carrying on")
-                await asyncio.sleep(poll)
-                continue
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), poll)
+            finally:
+                idle.release()
 
     def _ours(self) -> ColumnElement[bool]:
         """Rows whose file is in this node's spool (another node's files are not here)."""
         return or_(Upload.node == self._spool.node, Upload.node.is_(None))
 
-    def _claim(self) -> _Claim | None:
+    def _claim(self, limit: int = 1) -> list[_Claim]:
+        """Lease up to ``limit`` due rows of this node, in one transaction."""
         now = utcnow()
+        lease = f"{self.owner}/{uuid.uuid4().hex[:12]}"  # one per claim: see _Claim.lease
         with self._sessions() as session:
-            row = session.scalars(
-                select(Upload)
+            rows = session.execute(
+                select(
+                    Upload.id,
+                    Upload.receipt,
+                    Upload.spool_name,
+                    Upload.orthanc_instance_id,
+                    Upload.attempts,
+                    Upload.failed_answers,
+                    Upload.request_id,
+                )
                 .where(
                     Upload.state == State.QUEUED,
                     Upload.next_attempt_at <= now,
@@ -131,16 +168,24 @@ class Forwarder:
                     self._ours(),
                 )
                 .order_by(Upload.next_attempt_at, Upload.id)
-                .limit(1)
+                .limit(limit)
                 .with_for_update(skip_locked=True)
-            ).first()
-            if row is None:
-                return None
-            row.lease_owner = f"{self.owner}/{uuid.uuid4().hex[:12]}"
-            row.lease_until = now + timedelta(seconds=self._settings.forward_lease_seconds)
-            claim = _Claim(
+            ).all()
+            if not rows:
+                return []
+            session.execute(
+                update(Upload)
+                .where(Upload.id.in_([row.id for row in rows]))
+                .values(
+                    lease_owner=lease,
+                    lease_until=now + timedelta(seconds=self._settings.forward_lease_seconds),
+                )
+            )
+            session.commit()
+        return [
+            _Claim(
                 id=row.id,
-                lease=row.lease_owner,
+                lease=lease,
                 receipt=row.receipt,
                 spool_name=row.spool_name or "",
                 expected_id=row.orthanc_instance_id,
@@ -148,8 +193,8 @@ class Forwarder:
                 failed_answers=row.failed_answers,
                 request_id=row.request_id,
             )
-            session.commit()
-        return claim
+            for row in rows
+        ]
 
     @contextlib.contextmanager
     def _owned(self, claim: _Claim) -> Iterator[tuple[Session, Upload]]:
@@ -269,18 +314,35 @@ class Forwarder:
         return remote == await asyncio.to_thread(_md5, path)
 
     def _mark_forwarded(self, claim: _Claim, orthanc_id: str, status: str) -> None:
-        with self._owned(claim) as (_, row):
-            row.state = State.FORWARDED
-            row.orthanc_instance_id = orthanc_id
-            row.orthanc_status = status
-            row.forwarded_at = utcnow()
-            row.attempts = claim.attempts + 1
-            row.next_attempt_at = None
-            row.reason = row.detail = None
-            site_id, received_at = row.site_id, row.received_at
+        # One UPDATE, checked against the lease: the hot path needs no ORM load.
+        with self._sessions() as session:
+            marked = session.execute(
+                update(Upload)
+                .where(
+                    Upload.id == claim.id,
+                    Upload.lease_owner == claim.lease,
+                    Upload.state == State.QUEUED,
+                )
+                .values(
+                    state=State.FORWARDED,
+                    orthanc_instance_id=orthanc_id,
+                    orthanc_status=status,
+                    forwarded_at=utcnow(),
+                    attempts=claim.attempts + 1,
+                    next_attempt_at=None,
+                    reason=None,
+                    detail=None,
+                    lease_owner=None,
+                    lease_until=None,
+                )
+                .returning(Upload.site_id, Upload.received_at)
+            ).first()
+            if marked is None:
+                raise LeaseLost(f"receipt={claim.receipt}: lease lost before marking it forwarded")
+            session.commit()
         # Orthanc has it and the row says so: the spool copy has done its job.
         self._spool.discard(self._spool.path(QUEUE, claim.spool_name))
-        self._metrics.record_forwarded(site_id, received_at, utcnow())
+        self._metrics.record_forwarded(marked.site_id, marked.received_at, utcnow())
 
     def _quarantine(self, claim: _Claim, reason: str, detail: str) -> None:
         with self._owned(claim) as (_, row):

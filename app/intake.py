@@ -23,9 +23,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from sqlalchemy import or_, select
+from sqlalchemy import insert, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -481,29 +481,31 @@ class Intake:
             summary.series_instance_uid,
             summary.sop_instance_uid,
         )
-        row = Upload(
-            receipt=ctx.receipt,
-            request_id=logs.request_id.get(),
-            node=self._spool.node,
-            site_id=ctx.site.site_id,
-            remote_addr=ctx.remote_addr,
-            received_at=ctx.received_at,
-            byte_size=received.byte_size,
-            sha256=received.sha256,
-            sop_class_uid=summary.sop_class_uid,
-            sop_instance_uid=summary.sop_instance_uid,
-            series_instance_uid=summary.series_instance_uid,
-            study_instance_uid=summary.study_instance_uid,
-            patient_id=summary.patient_id,
-            transfer_syntax_uid=summary.transfer_syntax_uid,
-            modality=summary.modality,
-            orthanc_instance_id=ids.instance,
-            orthanc_series_id=ids.series,
-            orthanc_study_id=ids.study,
-            orthanc_patient_id=ids.patient,
-            attempts=0,
-            failed_answers=0,
-        )
+        # A plain Core INSERT: the hot path needs no ORM unit of work (docs/PERFORMANCE.md).
+        row: dict[str, Any] = {
+            "receipt": ctx.receipt,
+            "request_id": logs.request_id.get(),
+            "node": self._spool.node,
+            "site_id": ctx.site.site_id,
+            "remote_addr": ctx.remote_addr,
+            "received_at": ctx.received_at,
+            "byte_size": received.byte_size,
+            "sha256": received.sha256,
+            "sop_class_uid": summary.sop_class_uid,
+            "sop_instance_uid": summary.sop_instance_uid,
+            "series_instance_uid": summary.series_instance_uid,
+            "study_instance_uid": summary.study_instance_uid,
+            "patient_id": summary.patient_id,
+            "transfer_syntax_uid": summary.transfer_syntax_uid,
+            "modality": summary.modality,
+            "orthanc_instance_id": ids.instance,
+            "orthanc_series_id": ids.series,
+            "orthanc_study_id": ids.study,
+            "orthanc_patient_id": ids.patient,
+            "attempts": 0,
+            "failed_answers": 0,
+        }
+        state = State.QUEUED
         kept: Path | None = None
         status = ORTHANC_ALREADY_STORED
         try:
@@ -535,25 +537,26 @@ class Intake:
                     # Admission counted the request's first instance; the others count here.
                     usage.take_instance(session, ctx.site.site_id, rate, utcnow())
                 if same is not None:
-                    row.state = State.DUPLICATE
-                    row.duplicate_of_id = same.id
+                    state = State.DUPLICATE
+                    row["duplicate_of_id"] = same.id
                 elif other is not None:
-                    row.state = State.QUARANTINED
-                    row.reason = "conflict"
-                    row.detail = (
+                    state = State.QUARANTINED
+                    row["reason"] = "conflict"
+                    row["detail"] = (
                         f"SOP Instance UID {summary.sop_instance_uid} was already received "
                         f"with different bytes (upload #{other.id}); Orthanc would keep the "
                         "first copy and ignore this one"
                     )
-                    row.spool_name = f"{ctx.receipt}.dcm"
-                    kept = self._spool.keep(received.path, QUARANTINE, row.spool_name)
+                    row["spool_name"] = f"{ctx.receipt}.dcm"
+                    kept = self._spool.keep(received.path, QUARANTINE, row["spool_name"])
                 else:
                     status = ORTHANC_SUCCESS
-                    row.state = State.QUEUED
-                    row.next_attempt_at = utcnow()
-                    row.spool_name = f"{ctx.receipt}.dcm"
-                    kept = self._spool.keep(received.path, QUEUE, row.spool_name)
-                session.add(row)
+                    row["next_attempt_at"] = utcnow()
+                    row["spool_name"] = f"{ctx.receipt}.dcm"
+                    kept = self._spool.keep(received.path, QUEUE, row["spool_name"])
+                upload_id = session.execute(
+                    insert(Upload).values(state=state, **row).returning(Upload.id)
+                ).scalar_one()
                 session.commit()
         except IntakeError:
             self._spool.discard(kept or received.path)
@@ -569,26 +572,30 @@ class Intake:
             elif committed:
                 # The commit happened; only its acknowledgement was lost.
                 log.warning("receipt=%s: the commit happened after all", ctx.receipt)
-                row.id = committed
-                return self._receipt(ctx, row, status, ids, summary)
+                return self._receipt(ctx, committed, state, status, ids, summary)
             else:  # no committed row, so no acknowledgement: take the file back out
                 self._spool.discard(kept or received.path)
             raise ServiceUnavailable("the intake database is unavailable; try again") from exc
         except BaseException:
             self._spool.discard(kept or received.path)
             raise
-        if row.state is State.DUPLICATE:
+        if state is State.DUPLICATE:
             self._spool.discard(received.path)
-        return self._receipt(ctx, row, status, ids, summary)
+        return self._receipt(ctx, upload_id, state, status, ids, summary)
 
     @staticmethod
     def _receipt(
-        ctx: _Context, row: Upload, status: str, ids: dicom.OrthancIds, summary: dicom.Summary
+        ctx: _Context,
+        upload_id: int,
+        state: State,
+        status: str,
+        ids: dicom.OrthancIds,
+        summary: dicom.Summary,
     ) -> Receipt:
         return Receipt(
-            upload_id=row.id,
+            upload_id=upload_id,
             receipt=ctx.receipt,
-            state=row.state,
+            state=state,
             status=status,
             ids=ids,
             sop_class_uid=summary.sop_class_uid,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from app.errors import OrthancRefused, OrthancUnavailable
 from app.settings import Settings
 
 _READ_CHUNK = 1024 * 1024
+_READ_WHOLE = 8 * 1024 * 1024  # a smaller file is read in one go: one thread hand-off
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,13 @@ class StoredInstance:
     parent_patient: str | None
     parent_study: str | None
     parent_series: str | None
+
+
+def _small_file(path: Path) -> tuple[int, bytes | None]:
+    """The file's size, and its bytes if it is small enough to send from memory."""
+    with path.open("rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        return size, (file.read() if size <= _READ_WHOLE else None)
 
 
 async def _file_chunks(path: Path) -> AsyncIterator[bytes]:
@@ -88,12 +97,13 @@ class OrthancClient:
         return response
 
     async def store_instance(self, path: Path) -> StoredInstance:
-        """POST one spooled file, streamed from disk with its exact Content-Length."""
-        size = (await asyncio.to_thread(path.stat)).st_size
+        """POST one spooled file with its exact Content-Length: read whole if small,
+        else streamed from disk (memory stays flat for a 1 GiB instance)."""
+        size, data = await asyncio.to_thread(_small_file, path)
         response = await self._send(
             "POST",
             "/instances",
-            content=_file_chunks(path),
+            content=_file_chunks(path) if data is None else data,
             headers={"Content-Type": "application/dicom", "Content-Length": str(size)},
         )
         try:

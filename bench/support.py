@@ -69,23 +69,6 @@ def production_env() -> dict[str, str]:
     }
 
 
-UVLOOP_MARK = "bench: uvloop event loop policy installed"
-
-
-def uvloop_env(folder: Path) -> dict[str, str]:
-    """PYTHONPATH to a sitecustomize that installs uvloop's policy before the service's
-    ``asyncio.run``: the service's code is unchanged, only its event loop differs."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "sitecustomize.py").write_text(
-        "import sys\n"
-        "import uvloop\n"
-        "uvloop.install()\n"
-        f"print({UVLOOP_MARK!r}, file=sys.stderr, flush=True)\n"
-    )
-    path = os.environ.get("PYTHONPATH")
-    return {"PYTHONPATH": f"{folder}{os.pathsep}{path}" if path else str(folder)}
-
-
 def exit_on_sigterm() -> None:
     """Make SIGTERM unwind like Ctrl-C, so the ``finally`` blocks stop every Orthanc and
     intake this benchmark started (the intakes would otherwise outlive it)."""

@@ -24,10 +24,10 @@ was faster) before the median. Each run also records the CPU time of the intake,
 validation workers and both Orthancs.
 
 ``--lever`` adds intake variants run beside the default (other INTAKE_* settings,
-uvloop, or a stalled forwarder to time acknowledgements alone); ``--profile DIR`` adds
-untimed runs under py-spy and prints where the intake's time went. The command exits
-with status 1 when a target is missed. docs/PERFORMANCE.md explains the figures and
-records results.
+e.g. ``EVENT_LOOP=asyncio``, or a stalled forwarder to time acknowledgements alone);
+``--profile DIR`` adds untimed runs under py-spy and prints where the intake's time
+went. The command exits with status 1 when a target is missed. docs/PERFORMANCE.md
+explains the figures and records results.
 """
 
 from __future__ import annotations
@@ -79,27 +79,22 @@ QUICK = Sizes(
 class Variant:
     """How an intake is run: a database backend and INTAKE_* settings on top of defaults.
 
-    ``uvloop`` runs the unchanged service on uvloop's event loop (support.uvloop_env).
     ``stalled`` points it at an Orthanc that never answers (support.BlackHole): the
     run measures acknowledgements alone ("done" is then the acknowledgement time).
     """
 
     backend: str
     settings: tuple[tuple[str, str], ...] = ()
-    uvloop: bool = False
     stalled: bool = False
 
     @property
     def name(self) -> str:
         extra = [f"{k.removeprefix('INTAKE_')}={v}" for k, v in self.settings]
-        extra += ["uvloop"] if self.uvloop else []
         extra += ["stalled: ack only"] if self.stalled else []
         return f"{INTAKE} ({', '.join([self.backend, *extra])})"
 
     def env(self, tmp: Path, black_hole: str) -> dict[str, str]:
         env = {**support.production_env(), **dict(self.settings)}
-        if self.uvloop:
-            env.update(support.uvloop_env(tmp / "uvloop-site"))
         if self.stalled:
             env["INTAKE_ORTHANC_URL"] = black_hole
         return env
@@ -218,8 +213,6 @@ class Bench:
             self.private,
             variant.env(self.tmp, self.black_hole.url),
         ) as (intake, site):
-            if variant.uvloop and support.UVLOOP_MARK not in intake.log_text():
-                raise RuntimeError("the uvloop variant did not load uvloop")
             support.set_peer(self.site, INTAKE, site.peer)
             yield intake, site
 
@@ -554,17 +547,15 @@ def _variants(backends: list[str], levers: list[str]) -> list[Variant]:
         for assignment in lever.split(","):
             key, equals, value = assignment.partition("=")
             key = key.strip().upper()
-            if key in ("UVLOOP", "STALLED") and not equals:
+            if key == "STALLED" and not equals:
                 flags.add(key)
                 continue
             if not equals:
-                raise ValueError(f"a lever is NAME=VALUE, uvloop or stalled, not {assignment!r}")
+                raise ValueError(f"a lever is NAME=VALUE or stalled, not {assignment!r}")
             if not key.startswith("INTAKE_"):
                 key = "INTAKE_" + key
             settings.append((key, value.strip()))
-        variants.append(
-            Variant(backends[0], tuple(settings), "UVLOOP" in flags, "STALLED" in flags)
-        )
+        variants.append(Variant(backends[0], tuple(settings), "STALLED" in flags))
     return variants
 
 
@@ -584,8 +575,8 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="NAME=VALUE[,...]",
         help="an extra intake variant (first backend) with these INTAKE_* settings, e.g. "
-        "FORWARD_CONCURRENCY=8; 'uvloop' runs the service on uvloop's event loop; "
-        "'stalled' gives it an Orthanc that never answers (acknowledgements alone)",
+        "FORWARD_CONCURRENCY=8 or EVENT_LOOP=asyncio; 'stalled' gives it an Orthanc that "
+        "never answers (acknowledgements alone)",
     )
     parser.add_argument(
         "--sets", default="ct,small,large", help="data sets among ct, small, large (default: all)"

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app import migrations, sites
 from app.db import make_engine, make_sessionmaker
-from app.forwarder import Forwarder
+from app.forwarder import Forwarder, _Claim
 from app.models import Site, State, Upload, utcnow
 from app.orthanc import OrthancClient
 from app.settings import Settings
@@ -183,9 +183,15 @@ def world(database_url: str, tmp_path: Path) -> Iterator[World]:
         engine.dispose()
 
 
+def _claim_one(forwarder: Forwarder) -> _Claim | None:
+    claims = forwarder._claim()
+    assert len(claims) <= 1
+    return claims[0] if claims else None
+
+
 def _step(forwarder: Forwarder) -> None:
     """Claim the next due row and make one delivery attempt."""
-    claim = forwarder._claim()
+    claim = _claim_one(forwarder)
     assert claim is not None
     asyncio.run(forwarder.deliver(claim))
 
@@ -272,7 +278,7 @@ def test_retried_row_is_not_claimed_before_it_is_due(world: World) -> None:
     world.queue()
     forwarder = world.forwarder()
     _step(forwarder)
-    assert forwarder._claim() is None
+    assert _claim_one(forwarder) is None
 
 
 def _refuse_connection(request: httpx.Request) -> httpx.Response:
@@ -433,7 +439,7 @@ def test_claim_takes_a_lease(world: World) -> None:
     upload = world.queue()
     forwarder = world.forwarder(owner="host-a:1", forward_lease_seconds=300.0)
     before = utcnow()
-    claim = forwarder._claim()
+    claim = _claim_one(forwarder)
     row = world.row(upload.id)
     assert claim is not None
     assert claim.id == upload.id
@@ -443,19 +449,34 @@ def test_claim_takes_a_lease(world: World) -> None:
     assert before + timedelta(seconds=299) < row.lease_until <= utcnow() + timedelta(seconds=300)
 
 
+def test_one_claim_leases_several_due_rows_in_order(world: World) -> None:
+    """The claimer asks for as many rows as it has idle senders: one transaction."""
+    uploads = [world.queue() for _ in range(3)]
+    forwarder = world.forwarder(owner="host-a:1")
+    first = forwarder._claim(2)
+    assert [c.id for c in first] == [u.id for u in uploads[:2]]
+    assert len({c.lease for c in first}) == 1
+    assert {world.row(u.id).lease_owner for u in uploads[:2]} == {first[0].lease}
+    assert world.row(uploads[2].id).lease_owner is None
+    rest = forwarder._claim(5)
+    assert [c.id for c in rest] == [uploads[2].id]
+    assert rest[0].lease != first[0].lease
+    assert forwarder._claim(5) == []
+
+
 def test_leased_row_is_not_claimed_by_another_worker(world: World) -> None:
     """While its lease lasts, a claimed row is invisible to a second forwarder."""
     world.queue()
-    assert world.forwarder(owner="host-a:1")._claim() is not None
-    assert world.forwarder(owner="host-b:2")._claim() is None
+    assert _claim_one(world.forwarder(owner="host-a:1")) is not None
+    assert _claim_one(world.forwarder(owner="host-b:2")) is None
 
 
 def test_expired_lease_lets_another_worker_claim(world: World) -> None:
     """Once the lease has passed, a second forwarder claims the row and becomes its owner."""
     upload = world.queue()
-    assert world.forwarder(owner="host-a:1")._claim() is not None
+    assert _claim_one(world.forwarder(owner="host-a:1")) is not None
     world.set(upload.id, lease_until=utcnow() - timedelta(seconds=1))
-    claim = world.forwarder(owner="host-b:2")._claim()
+    claim = _claim_one(world.forwarder(owner="host-b:2"))
     assert claim is not None
     assert claim.id == upload.id
     assert (world.row(upload.id).lease_owner or "").startswith("host-b:2/")
@@ -465,7 +486,7 @@ def test_stale_claim_does_not_undo_a_delivery(world: World) -> None:
     """A worker whose lease expired cannot turn a row another worker forwarded into quarantine."""
     upload = world.queue()
     slow = world.forwarder(owner="host-a:1")
-    stale = slow._claim()
+    stale = _claim_one(slow)
     assert stale is not None
     world.set(upload.id, lease_until=utcnow() - timedelta(seconds=1))
     _step(world.forwarder(owner="host-b:2"))
@@ -488,7 +509,7 @@ def test_already_stored_after_a_concurrent_delivery_does_not_crash(world: World)
             return httpx.Response(200, json={"ID": INSTANCE_ID, "Status": "Success"})
         # The slow POST outlives its lease; the other worker delivers meanwhile.
         world.set(upload.id, lease_until=utcnow() - timedelta(seconds=1))
-        claim = other._claim()
+        claim = _claim_one(other)
         assert claim is not None
         await other.deliver(claim)
         return httpx.Response(200, json={"ID": INSTANCE_ID, "Status": "AlreadyStored"})
@@ -651,7 +672,7 @@ def test_a_long_delivery_renews_its_lease(world: World) -> None:
 
     world.orthanc.handler = slow
     _step(forwarder)
-    assert rival_claims == [None, None, None, None]
+    assert rival_claims == [[], [], [], []]
     assert world.row(upload.id).state == State.FORWARDED
 
 
@@ -674,6 +695,6 @@ def test_recover_releases_leases_of_dead_processes_on_this_host(world: World) ->
     forwarder.recover()
     assert world.row(dead.id).lease_owner is None
     assert world.row(alive.id).lease_owner is not None
-    claim = forwarder._claim()
+    claim = _claim_one(forwarder)
     assert claim is not None
     assert claim.id == dead.id

@@ -60,6 +60,23 @@ def test_sighup_without_tls_leaves_the_service_running(intake: IntakeProcess) ->
         assert client.get("/system").status_code == 401  # still answering
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_the_event_loop_is_uvloop_unless_asked_otherwise(
+    make_intake: Callable[..., IntakeProcess], private_orthanc: OrthancProcess, loop: str
+) -> None:
+    """uvloop by default (measured faster, docs/PERFORMANCE.md); INTAKE_EVENT_LOOP=asyncio
+    runs on Python's own loop. Either way uploads are taken and forwarded."""
+    settings = {} if loop == "uvloop" else {"event_loop": "asyncio"}
+    intake = make_intake(private_orthanc, **settings)
+    assert f"event loop: {loop}" in intake.log_text()
+    site = intake.add_site(f"on-{loop}")
+    answer = intake.upload(site, make_study(1, 1)[0])
+    assert answer.status_code == 200, answer.text
+    receipt = answer.json()["IntakeReceipt"]
+    wait_until(lambda: _row(intake, receipt).state == "forwarded", timeout=30)
+
+
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_processes_starting_together_migrate_one_at_a_time(
     database_url: str, tmp_path: Path
