@@ -1,41 +1,17 @@
-"""Decide whether a spooled file is an acceptable DICOM instance, and summarise it.
+"""What the intake knows of a DICOM instance, without parsing one.
 
-``read_summary`` checks the Part 10 header and File Meta Information itself,
-walks the whole data set with the bounded scanner in ``app.dicom_scan``, and only
-then lets pydicom decode the handful of short top-level values it needs, so no
-upload can make pydicom recurse, inflate or buffer without bound. Every failure
-is a ``BadUpload`` leaf from ``app.errors``. Also here: Orthanc's resource IDs
-and the executable-preamble check (CVE-2019-11687).
+The summary a validated file gives (``Summary``), the limits its parsing runs within,
+Orthanc's resource IDs for it, and the executable-preamble check (CVE-2019-11687).
+``read_summary`` is the way in to the parser, ``app.part10``, which brings pydicom
+(and numpy): it is imported on the first call, in a validation worker, so the serving
+process never holds either.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-import re
-import struct
-import warnings
 from dataclasses import dataclass
-from typing import BinaryIO
-
-from pydicom.charset import decode_bytes
-from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
-from pydicom.multival import MultiValue
-from pydicom.uid import UID_dictionary  # type: ignore[attr-defined]  # no __all__ entry
-
-from app.dicom_scan import LONG_VRS, SHORT_VRS, FileSource, InflateSource, Source, scan, tag_str
-from app.errors import (
-    DicomdirNotAnInstance,
-    IntakeError,
-    InvalidUid,
-    MalformedDicom,
-    MetaMismatch,
-    MissingTag,
-    NotDicom,
-    UnsupportedTransferSyntax,
-)
 
 __all__ = [
     "Limits",
@@ -76,206 +52,11 @@ class OrthancIds:
     instance: str
 
 
-_PREAMBLE = 128
-_MAGIC = b"DICM"
-_DICOMDIR = "1.2.840.10008.1.3.10"
-_IMPLICIT_LE = "1.2.840.10008.1.2"
-_EXPLICIT_BE = "1.2.840.10008.1.2.2"
-# PS3.5 Annex A: these encode the data set as raw deflate of Explicit VR LE. pydicom
-# only knows the first; the JPIP "Deflate" ones work the same way.
-_DEFLATED = frozenset(
-    {"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95", "1.2.840.10008.1.2.4.205"}
-)
-# MIME and XML encodings are not binary data sets; Papyrus 3 is not a DICOM syntax.
-_NOT_BINARY = frozenset({"1.2.840.10008.1.2.6.1", "1.2.840.10008.1.2.6.2", "1.2.840.10008.1.20"})
-TRANSFER_SYNTAXES = (
-    frozenset(uid for uid, entry in UID_dictionary.items() if entry[1] == "Transfer Syntax")
-    - _NOT_BINARY
-)
-
-_META_TS = 0x00020010
-_META_CLASS = 0x00020002
-_META_INSTANCE = 0x00020003
-_CHARSET = 0x00080005
-_SOP_CLASS = 0x00080016
-_SOP_INSTANCE = 0x00080018
-_MODALITY = 0x00080060
-_PATIENT_ID = 0x00100020
-_STUDY = 0x0020000D
-_SERIES = 0x0020000E
-_WANTED = frozenset({_CHARSET, _SOP_CLASS, _SOP_INSTANCE, _MODALITY, _PATIENT_ID, _STUDY, _SERIES})
-_NAMES = {
-    _META_TS: "TransferSyntaxUID",
-    _META_CLASS: "MediaStorageSOPClassUID",
-    _META_INSTANCE: "MediaStorageSOPInstanceUID",
-    _SOP_CLASS: "SOPClassUID",
-    _SOP_INSTANCE: "SOPInstanceUID",
-    _STUDY: "StudyInstanceUID",
-    _SERIES: "SeriesInstanceUID",
-}
-# PS3.5 §9.1: components of digits, no leading zero unless the component is "0".
-_UID_RE = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
-_MAX_META_VALUE = 1024
-
-
 def read_summary(path: str | os.PathLike[str], limits: Limits) -> Summary:
     """Validate the Part 10 file at ``path`` within ``limits``; summarise it or raise."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        try:
-            return _read(f, size, limits)
-        except IntakeError:
-            raise
-        except OSError:
-            raise  # the disk failed, not the upload
-        except Exception as exc:
-            raise MalformedDicom(f"unreadable data set: {type(exc).__name__}: {exc}") from None
+    from app import part10  # here, not at the top: see the module's docstring
 
-
-def _read(f: BinaryIO, size: int, limits: Limits) -> Summary:
-    head = f.read(_PREAMBLE + 4)
-    if len(head) < _PREAMBLE + 4 or head[_PREAMBLE:] != _MAGIC:
-        # Policy: a data set without its PS3.10 §7.1 header is refused, not guessed at.
-        raise NotDicom(
-            f"no DICM prefix at offset {_PREAMBLE}: not a DICOM Part 10 file ({size} bytes)"
-        )
-    meta, start = _read_meta(f, size, limits.max_elements)
-    for tag in (_META_TS, _META_CLASS, _META_INSTANCE):
-        if not meta.get(tag):
-            raise MissingTag(
-                f"{_NAMES[tag]} {tag_str(tag)} is missing or empty in the File Meta Information"
-            )
-    if meta[_META_CLASS] == _DICOMDIR:
-        raise DicomdirNotAnInstance("a DICOMDIR is a media directory, not an instance")
-    ts = meta[_META_TS]
-    if ts not in TRANSFER_SYNTAXES:
-        raise UnsupportedTransferSyntax(f"transfer syntax {ts!r} is unknown or private")
-
-    source: Source
-    if ts in _DEFLATED:
-        source = InflateSource(f, start, limits.max_inflated_bytes)
-    else:
-        source = FileSource(f, start, size)
-    implicit, little = ts == _IMPLICIT_LE, ts != _EXPLICIT_BE
-    found = scan(
-        source,
-        implicit=implicit,
-        little=little,
-        max_depth=limits.max_depth,
-        max_elements=limits.max_elements,
-        wanted=_WANTED,
-    )
-    values = _decode(b"".join(found.wanted.values()), implicit=implicit, little=little)
-
-    uids = {}
-    for tag in (_SOP_CLASS, _SOP_INSTANCE, _STUDY, _SERIES):
-        uid = values.get(tag, "")
-        if not uid:
-            raise MissingTag(f"{_NAMES[tag]} {tag_str(tag)} is missing or empty")
-        _check_uid(_NAMES[tag], uid)
-        uids[tag] = uid
-    for meta_tag, tag in ((_META_INSTANCE, _SOP_INSTANCE), (_META_CLASS, _SOP_CLASS)):
-        if meta[meta_tag] != uids[tag]:
-            raise MetaMismatch(
-                f"File Meta {_NAMES[meta_tag]} {meta[meta_tag]!r} differs from the data set's"
-                f" {_NAMES[tag]} {uids[tag]!r}"
-            )
-    return Summary(
-        sop_class_uid=uids[_SOP_CLASS],
-        sop_instance_uid=uids[_SOP_INSTANCE],
-        series_instance_uid=uids[_SERIES],
-        study_instance_uid=uids[_STUDY],
-        patient_id=values.get(_PATIENT_ID, ""),
-        transfer_syntax_uid=ts,
-        modality=values.get(_MODALITY) or None,
-        element_count=found.element_count,
-        max_depth=found.max_depth,
-    )
-
-
-def _read_meta(f: BinaryIO, size: int, max_elements: int) -> tuple[dict[int, str], int]:
-    """Walk group 0002 (always Explicit VR LE, PS3.10 §7.1) without trusting its group length."""
-    pos = _PREAMBLE + 4
-    values: dict[int, str] = {}
-    count = 0
-    while True:
-        f.seek(pos)
-        header = f.read(8)
-        if len(header) < 8 or struct.unpack("<H", header[:2])[0] != 0x0002:
-            break
-        group, elem = struct.unpack("<HH", header[:4])
-        tag = group << 16 | elem
-        vr = header[4:6]
-        if vr in LONG_VRS:
-            extra = f.read(4)
-            if len(extra) < 4:
-                raise NotDicom(f"the File Meta Information is truncated at offset {pos}")
-            (length,) = struct.unpack("<L", extra)
-            value_at = pos + 12
-        elif vr in SHORT_VRS:
-            (length,) = struct.unpack("<H", header[6:8])
-            value_at = pos + 8
-        else:
-            raise MalformedDicom(
-                f"File Meta element {tag_str(tag)} at offset {pos} has no valid VR: the group"
-                " must be Explicit VR Little Endian (PS3.10 §7.1)"
-            )
-        if value_at + length > size:
-            raise MalformedDicom(
-                f"File Meta element {tag_str(tag)} at offset {pos} declares {length} bytes,"
-                " past the end of the file"
-            )
-        if tag in _NAMES:
-            if length > _MAX_META_VALUE:
-                raise MalformedDicom(f"{_NAMES[tag]} {tag_str(tag)} is {length} bytes long")
-            raw = f.read(length)
-            values[tag] = raw.decode("ascii", errors="replace").rstrip("\0 ")
-        count += 1
-        if count > max_elements:
-            raise MalformedDicom(f"the File Meta Information has over {max_elements} elements")
-        pos = value_at + length
-    if count == 0:
-        raise MalformedDicom("no File Meta Information group (0002,xxxx) after the DICM prefix")
-    return values, pos
-
-
-def _decode(encoded: bytes, *, implicit: bool, little: bool) -> dict[int, str]:
-    """Let pydicom decode the few short top-level elements the scan lifted out."""
-    with warnings.catch_warnings():
-        # pydicom warns on odd but readable values; our own checks decide.
-        warnings.simplefilter("ignore")
-        ds: Dataset = read_dataset(io.BytesIO(encoded), implicit, little)
-        values: dict[int, str] = {}
-        for tag in _WANTED - {_CHARSET}:
-            if tag not in ds:
-                continue
-            raw = ds.get_item(tag)
-            if not implicit and getattr(raw, "VR", None) == "UN" and isinstance(raw.value, bytes):
-                # Explicit VR "UN": Orthanc (DCMTK) hashes the value as stored, padding
-                # included, where pydicom would re-type it by the dictionary and strip it.
-                values[tag] = decode_bytes(raw.value, ds._character_set, set()).rstrip("\0")
-                continue
-            # Values decode lazily, with (0008,0005) Specific Character Set.
-            values[tag] = _text(tag, ds[tag].value)
-    return values
-
-
-def _text(tag: int, value: object) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, MultiValue | list):
-        return "\\".join(str(v) for v in value)
-    if isinstance(value, str):
-        return value.rstrip(" ")
-    raise MalformedDicom(f"{tag_str(tag)} does not hold text (found {type(value).__name__})")
-
-
-def _check_uid(name: str, uid: str) -> None:
-    if len(uid) > 64 or not _UID_RE.fullmatch(uid):
-        raise InvalidUid(
-            f"{name} {uid!r} is not a valid UID: at most 64 characters, digit components"
-            " separated by '.', none empty, no leading zeros (PS3.5 §9.1)"
-        )
+    return part10.read_summary(path, limits)
 
 
 def orthanc_hash(*parts: str) -> str:

@@ -4,12 +4,15 @@ A process pool uses both cores and isolates pydicom: a file that makes a worker
 die costs that worker, not the service. Workers are spawned (a fresh interpreter:
 no inherited event loop, sockets or database connections) and leave by themselves
 when the intake process is gone, even after a SIGKILL: nothing else would tell them,
-since each holds both ends of its own task queue.
+since each holds both ends of its own task queue. Each worker loads the parser
+(``app.part10``: pydicom, numpy) as it starts; the intake process never does, unless
+``VALIDATION_WORKERS`` is 0 and its threads parse.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import multiprocessing
 import os
@@ -39,6 +42,14 @@ def _leave_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+def _start_worker() -> None:
+    """Worker initializer: leave with the parent; load the parser before the first file."""
+    _leave_with_parent()
+    # dicom.read_summary would import it on the first call, ~0.2 s (pydicom, numpy) that
+    # warm_up takes at start-up instead of the first upload.
+    importlib.import_module("app.part10")
+
+
 class Validator:
     def __init__(self, limits: dicom.Limits, workers: int) -> None:
         self.limits = limits
@@ -51,7 +62,7 @@ class Validator:
         return ProcessPoolExecutor(
             max_workers=self._workers,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=_leave_with_parent,
+            initializer=_start_worker,
         )
 
     async def validate(self, path: Path) -> dicom.Summary:

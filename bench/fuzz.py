@@ -170,6 +170,7 @@ def atheris_child(stats: str, examples: int, limits_name: str, fuzzer_args: list
     import atheris  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
     with atheris.instrument_imports(include=["app", "pydicom"]):
+        from app import part10  # noqa: F401 - the parser: read_summary imports it lazily
         from app.dicom import Limits
     from tests.support.hostile import validate_once
 
