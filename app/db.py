@@ -2,15 +2,60 @@
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 15_000
 READ_ONLY = "intake_read_only"
+
+
+class _WriterConnection(sqlite3.Connection):
+    """A pysqlite connection whose write transactions queue on the engine's lock.
+
+    SQLite lets one writer in at a time and makes the others poll (its busy handler
+    sleeps 1, 2, 5, 10 … 100 ms between tries), so threads contending for the write lock
+    spend most of their time asleep while it is free. In one process, waiting on a
+    Python lock instead hands the write lock over the moment it is released. Other
+    processes (the CLI) still meet SQLite's own busy handling.
+    """
+
+    writer_lock: threading.Lock
+    holds_writer_lock = False
+
+    def take_writer_lock(self) -> bool:
+        """Wait, as long as SQLite's busy timeout, for this process's writer turn."""
+        self.holds_writer_lock = self.writer_lock.acquire(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)
+        return self.holds_writer_lock
+
+    def _release(self) -> None:
+        if self.holds_writer_lock:
+            self.holds_writer_lock = False
+            self.writer_lock.release()
+
+    def commit(self) -> None:
+        try:
+            super().commit()
+        finally:
+            self._release()
+
+    def rollback(self) -> None:
+        try:
+            super().rollback()
+        finally:
+            self._release()
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._release()
 
 
 def make_engine(url: str) -> Engine:
@@ -21,9 +66,15 @@ def make_engine(url: str) -> Engine:
 
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    # One lock per engine: its write transactions take turns without polling.
+    writer = type("WriterConnection", (_WriterConnection,), {"writer_lock": threading.Lock()})
     engine = create_engine(
         url,
-        connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+        connect_args={
+            "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000,
+            "check_same_thread": False,
+            "factory": writer,
+        },
         pool_size=10,
         max_overflow=10,
     )
@@ -48,7 +99,19 @@ def make_engine(url: str) -> Engine:
             return
         # Take the write lock up front: a deferred transaction that later writes can
         # fail with SQLITE_BUSY without waiting for busy_timeout.
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        dbapi_connection = connection.connection.dbapi_connection
+        assert isinstance(dbapi_connection, _WriterConnection)
+        if not dbapi_connection.take_writer_lock():
+            raise OperationalError(
+                "BEGIN IMMEDIATE",
+                None,
+                sqlite3.OperationalError("database is locked (waited for the writer lock)"),
+            )
+        try:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        except BaseException:
+            dbapi_connection.rollback()  # no transaction began: this releases the lock
+            raise
 
     return engine
 

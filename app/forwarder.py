@@ -23,8 +23,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, or_, select, update
+from sqlalchemy import ColumnElement, Select, Table, bindparam, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import logs
@@ -48,6 +49,66 @@ class _Claim:
     attempts: int
     failed_answers: int
     request_id: str | None = None
+
+
+# The hot path's statements, built once and in Core (docs/PERFORMANCE.md: building them
+# per delivery and the ORM's machinery were most of the forwarder's CPU).
+_UPLOADS = cast(Table, Upload.__table__)
+_LEASE = (
+    _UPLOADS.update()
+    .where(_UPLOADS.c.id.in_(bindparam("ids", expanding=True)))
+    .values(lease_owner=bindparam("lease"), lease_until=bindparam("until"))
+)
+# One UPDATE, checked against the lease: a sender whose lease ran out changes nothing.
+_MARK_FORWARDED = (
+    _UPLOADS.update()
+    .where(
+        _UPLOADS.c.id == bindparam("b_id"),
+        _UPLOADS.c.lease_owner == bindparam("b_lease"),
+        _UPLOADS.c.state == State.QUEUED,
+    )
+    .values(
+        state=State.FORWARDED,
+        orthanc_instance_id=bindparam("b_orthanc_id"),
+        orthanc_status=bindparam("b_status"),
+        forwarded_at=bindparam("b_at"),
+        attempts=bindparam("b_attempts"),
+        next_attempt_at=None,
+        reason=None,
+        detail=None,
+        lease_owner=None,
+        lease_until=None,
+    )
+    .returning(_UPLOADS.c.site_id, _UPLOADS.c.received_at)
+)
+
+
+def _due_rows() -> Select[Any]:
+    """Due rows of a node (``:node``, or none recorded), oldest first, ``:limit`` of them."""
+    c = _UPLOADS.c
+    return (
+        select(
+            c.id,
+            c.receipt,
+            c.spool_name,
+            c.orthanc_instance_id,
+            c.attempts,
+            c.failed_answers,
+            c.request_id,
+        )
+        .where(
+            c.state == State.QUEUED,
+            c.next_attempt_at <= bindparam("now"),
+            or_(c.lease_until.is_(None), c.lease_until < bindparam("now")),
+            or_(c.node == bindparam("node"), c.node.is_(None)),
+        )
+        .order_by(c.next_attempt_at, c.id)
+        .limit(bindparam("limit"))
+        .with_for_update(skip_locked=True)
+    )
+
+
+_DUE = _due_rows()
 
 
 class LeaseLost(Exception):
@@ -152,34 +213,13 @@ class Forwarder:
         lease = f"{self.owner}/{uuid.uuid4().hex[:12]}"  # one per claim: see _Claim.lease
         with self._sessions() as session:
             rows = session.execute(
-                select(
-                    Upload.id,
-                    Upload.receipt,
-                    Upload.spool_name,
-                    Upload.orthanc_instance_id,
-                    Upload.attempts,
-                    Upload.failed_answers,
-                    Upload.request_id,
-                )
-                .where(
-                    Upload.state == State.QUEUED,
-                    Upload.next_attempt_at <= now,
-                    or_(Upload.lease_until.is_(None), Upload.lease_until < now),
-                    self._ours(),
-                )
-                .order_by(Upload.next_attempt_at, Upload.id)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
+                _DUE, {"now": now, "node": self._spool.node, "limit": limit}
             ).all()
             if not rows:
                 return []
+            until = now + timedelta(seconds=self._settings.forward_lease_seconds)
             session.execute(
-                update(Upload)
-                .where(Upload.id.in_([row.id for row in rows]))
-                .values(
-                    lease_owner=lease,
-                    lease_until=now + timedelta(seconds=self._settings.forward_lease_seconds),
-                )
+                _LEASE, {"ids": [row.id for row in rows], "lease": lease, "until": until}
             )
             session.commit()
         return [
@@ -314,28 +354,17 @@ class Forwarder:
         return remote == await asyncio.to_thread(_md5, path)
 
     def _mark_forwarded(self, claim: _Claim, orthanc_id: str, status: str) -> None:
-        # One UPDATE, checked against the lease: the hot path needs no ORM load.
         with self._sessions() as session:
             marked = session.execute(
-                update(Upload)
-                .where(
-                    Upload.id == claim.id,
-                    Upload.lease_owner == claim.lease,
-                    Upload.state == State.QUEUED,
-                )
-                .values(
-                    state=State.FORWARDED,
-                    orthanc_instance_id=orthanc_id,
-                    orthanc_status=status,
-                    forwarded_at=utcnow(),
-                    attempts=claim.attempts + 1,
-                    next_attempt_at=None,
-                    reason=None,
-                    detail=None,
-                    lease_owner=None,
-                    lease_until=None,
-                )
-                .returning(Upload.site_id, Upload.received_at)
+                _MARK_FORWARDED,
+                {
+                    "b_id": claim.id,
+                    "b_lease": claim.lease,
+                    "b_orthanc_id": orthanc_id,
+                    "b_status": status,
+                    "b_at": utcnow(),
+                    "b_attempts": claim.attempts + 1,
+                },
             ).first()
             if marked is None:
                 raise LeaseLost(f"receipt={claim.receipt}: lease lost before marking it forwarded")

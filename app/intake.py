@@ -23,9 +23,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
-from sqlalchemy import insert, or_, select
+from sqlalchemy import Table, bindparam, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -50,6 +50,21 @@ from app.spool import QUARANTINE, QUEUE, REFUSED, Received, Spool
 from app.validation import Validator
 
 log = logging.getLogger(__name__)
+
+# The hot path's statements, built once and in Core: the ORM's bulk-insert machinery and
+# building a statement per upload were most of _persist's CPU (docs/PERFORMANCE.md).
+_UPLOADS = cast(Table, Upload.__table__)
+_INSERT = _UPLOADS.insert().returning(_UPLOADS.c.id)
+_PRIOR = (
+    select(_UPLOADS.c.id, _UPLOADS.c.sha256, _UPLOADS.c.state)
+    .where(
+        _UPLOADS.c.sop_instance_uid == bindparam("sop"),
+        _UPLOADS.c.state.in_([State.QUEUED, State.FORWARDED, State.QUARANTINED]),
+        # A row whose file was lost holds no copy: a resend is the copy.
+        or_(_UPLOADS.c.reason.is_(None), _UPLOADS.c.reason != "spool_file_missing"),
+    )
+    .order_by(_UPLOADS.c.id)
+)
 
 ORTHANC_SUCCESS = "Success"
 ORTHANC_ALREADY_STORED = "AlreadyStored"
@@ -481,7 +496,6 @@ class Intake:
             summary.series_instance_uid,
             summary.sop_instance_uid,
         )
-        # A plain Core INSERT: the hot path needs no ORM unit of work (docs/PERFORMANCE.md).
         row: dict[str, Any] = {
             "receipt": ctx.receipt,
             "request_id": logs.request_id.get(),
@@ -508,18 +522,15 @@ class Intake:
         state = State.QUEUED
         kept: Path | None = None
         status = ORTHANC_ALREADY_STORED
+        name = f"{ctx.receipt}.dcm"
+        committing = False  # only an error during COMMIT leaves the outcome in doubt
         try:
+            # Durable in queue/ (rename + folder fsync) before the transaction, not inside
+            # it: the fsync would hold SQLite's single write lock, and every other upload
+            # and delivery would wait for it. The rare duplicate or conflict moves it on.
+            kept = self._spool.keep(received.path, QUEUE, name)
             with self._sessions() as session:
-                prior = session.execute(
-                    select(Upload.id, Upload.sha256, Upload.state)
-                    .where(
-                        Upload.sop_instance_uid == summary.sop_instance_uid,
-                        Upload.state.in_([State.QUEUED, State.FORWARDED, State.QUARANTINED]),
-                        # A row whose file was lost holds no copy: a resend is the copy.
-                        or_(Upload.reason.is_(None), Upload.reason != "spool_file_missing"),
-                    )
-                    .order_by(Upload.id)
-                ).all()
+                prior = session.execute(_PRIOR, {"sop": summary.sop_instance_uid}).all()
                 same = next((p for p in prior if p.sha256 == received.sha256), None)
                 other = next(
                     (
@@ -547,23 +558,21 @@ class Intake:
                         f"with different bytes (upload #{other.id}); Orthanc would keep the "
                         "first copy and ignore this one"
                     )
-                    row["spool_name"] = f"{ctx.receipt}.dcm"
-                    kept = self._spool.keep(received.path, QUARANTINE, row["spool_name"])
+                    row["spool_name"] = name
+                    kept = self._spool.keep(kept, QUARANTINE, name)
                 else:
                     status = ORTHANC_SUCCESS
                     row["next_attempt_at"] = utcnow()
-                    row["spool_name"] = f"{ctx.receipt}.dcm"
-                    kept = self._spool.keep(received.path, QUEUE, row["spool_name"])
-                upload_id = session.execute(
-                    insert(Upload).values(state=state, **row).returning(Upload.id)
-                ).scalar_one()
+                    row["spool_name"] = name
+                upload_id = session.execute(_INSERT, {**row, "state": state}).scalar_one()
+                committing = True
                 session.commit()
         except IntakeError:
             self._spool.discard(kept or received.path)
             raise
         except SQLAlchemyError as exc:
             log.error("database error while recording receipt=%s: %s", ctx.receipt, exc)
-            committed = self._committed(ctx.receipt) if kept is not None else False
+            committed = self._committed(ctx.receipt) if committing else False
             if committed is None:
                 # The commit may have happened (its answer was lost) and the database
                 # cannot tell now: keep the file, so a row that exists keeps its copy.
@@ -572,6 +581,8 @@ class Intake:
             elif committed:
                 # The commit happened; only its acknowledgement was lost.
                 log.warning("receipt=%s: the commit happened after all", ctx.receipt)
+                if state is State.DUPLICATE and kept is not None:
+                    self._spool.discard(kept)
                 return self._receipt(ctx, committed, state, status, ids, summary)
             else:  # no committed row, so no acknowledgement: take the file back out
                 self._spool.discard(kept or received.path)
@@ -580,7 +591,7 @@ class Intake:
             self._spool.discard(kept or received.path)
             raise
         if state is State.DUPLICATE:
-            self._spool.discard(received.path)
+            self._spool.discard(kept)
         return self._receipt(ctx, upload_id, state, status, ids, summary)
 
     @staticmethod

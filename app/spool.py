@@ -169,7 +169,10 @@ class SpoolFile:
         )
 
     def abort(self) -> None:
-        self._file.close()
+        # Closing flushes what is buffered, which fails again on a full disk: the file is
+        # going anyway, and the error that brought us here is the one to report.
+        with contextlib.suppress(OSError):
+            self._file.close()
         self.path.unlink(missing_ok=True)
 
 
