@@ -120,9 +120,10 @@ def _config(
 
 
 def run(settings: Settings) -> None:
-    """`serve` on uvloop when it is installed (``uvicorn[standard]`` brings it), as
-    uvicorn's own ``loop="auto"`` would: measured, it cuts the request path's CPU by
-    ~2.7 ms per instance (docs/PERFORMANCE.md). `INTAKE_EVENT_LOOP=asyncio` opts out."""
+    """`serve` on uvloop (``uvicorn[standard]`` brings it), as uvicorn's own
+    ``loop="auto"`` would. It was the one clear lever before the forwarder's rework
+    (~2.7 ms less CPU per instance); since, the difference is within the noise
+    (docs/PERFORMANCE.md). `INTAKE_EVENT_LOOP=asyncio` opts out."""
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     if settings.event_loop == "uvloop":
         import uvloop  # only here: with INTAKE_EVENT_LOOP=asyncio it is not needed

@@ -188,8 +188,7 @@ class Settings(BaseSettings):
     event_loop: Literal["uvloop", "asyncio"] = Field(
         default="uvloop",
         description="The event loop the service runs on: `uvloop` (installed with "
-        "`uvicorn[standard]`; measured faster on the upload path) or Python's own "
-        "`asyncio`.",
+        "`uvicorn[standard]`, as uvicorn itself would choose) or Python's own `asyncio`.",
         json_schema_extra=_group(Group.LISTENERS),
     )
     tls_reload_check_seconds: float = Field(

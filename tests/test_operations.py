@@ -65,7 +65,7 @@ def test_sighup_without_tls_leaves_the_service_running(intake: IntakeProcess) ->
 def test_the_event_loop_is_uvloop_unless_asked_otherwise(
     make_intake: Callable[..., IntakeProcess], private_orthanc: OrthancProcess, loop: str
 ) -> None:
-    """uvloop by default (measured faster, docs/PERFORMANCE.md); INTAKE_EVENT_LOOP=asyncio
+    """uvloop by default (as uvicorn would choose); INTAKE_EVENT_LOOP=asyncio
     runs on Python's own loop. Either way uploads are taken and forwarded."""
     settings = {} if loop == "uvloop" else {"event_loop": "asyncio"}
     intake = make_intake(private_orthanc, **settings)
