@@ -25,7 +25,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Select, Table, bindparam, or_, select
+from sqlalchemy import Select, Table, bindparam, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import logs
@@ -83,6 +83,10 @@ _MARK_FORWARDED = (
 )
 
 
+# Rows whose file is in this node's spool (``:node``; another node's files are not here).
+_OURS = or_(_UPLOADS.c.node == bindparam("node"), _UPLOADS.c.node.is_(None))
+
+
 def _due_rows() -> Select[Any]:
     """Due rows of a node (``:node``, or none recorded), oldest first, ``:limit`` of them."""
     c = _UPLOADS.c
@@ -100,7 +104,7 @@ def _due_rows() -> Select[Any]:
             c.state == State.QUEUED,
             c.next_attempt_at <= bindparam("now"),
             or_(c.lease_until.is_(None), c.lease_until < bindparam("now")),
-            or_(c.node == bindparam("node"), c.node.is_(None)),
+            _OURS,
         )
         .order_by(c.next_attempt_at, c.id)
         .limit(bindparam("limit"))
@@ -202,10 +206,6 @@ class Forwarder:
                 log.exception("forwarder worker error; carrying on")
             finally:
                 idle.release()
-
-    def _ours(self) -> ColumnElement[bool]:
-        """Rows whose file is in this node's spool (another node's files are not here)."""
-        return or_(Upload.node == self._spool.node, Upload.node.is_(None))
 
     def _claim(self, limit: int = 1) -> list[_Claim]:
         """Lease up to ``limit`` due rows of this node, in one transaction."""
@@ -457,8 +457,8 @@ class Forwarder:
                 if orphan or (state is not None and state != State.QUEUED):
                     log.warning("removing spool file %s: no queued upload needs it", file.name)
                     self._spool.discard(file)
-            queued = select(Upload).where(Upload.state == State.QUEUED, self._ours())
-            for row in session.scalars(queued):
+            queued = select(Upload).where(Upload.state == State.QUEUED, _OURS)
+            for row in session.scalars(queued, {"node": self._spool.node}):
                 if row.lease_owner and self._lease_is_dead(row.lease_owner):
                     # Claimed by an earlier process on this host that died (SIGKILL,
                     # crash): no need to wait for the lease to run out.

@@ -70,6 +70,19 @@ ORTHANC_SUCCESS = "Success"
 ORTHANC_ALREADY_STORED = "AlreadyStored"
 
 
+def _summary_columns(summary: dicom.Summary) -> dict[str, str | None]:
+    """The upload row's columns that come from the validated file's summary."""
+    return {
+        "sop_class_uid": summary.sop_class_uid,
+        "sop_instance_uid": summary.sop_instance_uid,
+        "series_instance_uid": summary.series_instance_uid,
+        "study_instance_uid": summary.study_instance_uid,
+        "patient_id": summary.patient_id,
+        "transfer_syntax_uid": summary.transfer_syntax_uid,
+        "modality": summary.modality,
+    }
+
+
 @dataclass(frozen=True)
 class Receipt:
     """What the site is told about an accepted upload."""
@@ -505,13 +518,7 @@ class Intake:
             "received_at": ctx.received_at,
             "byte_size": received.byte_size,
             "sha256": received.sha256,
-            "sop_class_uid": summary.sop_class_uid,
-            "sop_instance_uid": summary.sop_instance_uid,
-            "series_instance_uid": summary.series_instance_uid,
-            "study_instance_uid": summary.study_instance_uid,
-            "patient_id": summary.patient_id,
-            "transfer_syntax_uid": summary.transfer_syntax_uid,
-            "modality": summary.modality,
+            **_summary_columns(summary),
             "orthanc_instance_id": ids.instance,
             "orthanc_series_id": ids.series,
             "orthanc_study_id": ids.study,
@@ -632,19 +639,8 @@ class Intake:
         note: str | None = None,
     ) -> Upload:
         """A `rejected` row; with the file's UIDs when it was refused after validation."""
-        uids: dict[str, str | None] = {}
-        if summary is not None:
-            uids = {
-                "sop_class_uid": summary.sop_class_uid,
-                "sop_instance_uid": summary.sop_instance_uid,
-                "series_instance_uid": summary.series_instance_uid,
-                "study_instance_uid": summary.study_instance_uid,
-                "patient_id": summary.patient_id,
-                "transfer_syntax_uid": summary.transfer_syntax_uid,
-                "modality": summary.modality,
-            }
         return Upload(
-            **uids,
+            **(_summary_columns(summary) if summary is not None else {}),
             receipt=ctx.receipt,
             request_id=logs.request_id.get(),
             site_id=ctx.site.site_id,

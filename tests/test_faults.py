@@ -11,6 +11,7 @@ Orthanc delays its answers or answers 5xx itself (tests/support/faults.py).
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import shutil
@@ -18,7 +19,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -505,6 +506,22 @@ def test_postgresql_stopped_gives_503_and_no_acknowledgement_without_a_row(
         cluster.destroy()
 
 
+@contextlib.contextmanager
+def _behind_a_commit_trap(
+    orthanc: OrthancProcess, tmp_path: Path, site_name: str
+) -> Iterator[tuple[CommitTrap, IntakeProcess, Site, str]]:
+    """An intake on a fresh PostgreSQL database reached through a CommitTrap, its site,
+    and the database's direct URL (for reading rows past the trap)."""
+    database_url = postgres.create_database()
+    try:
+        with CommitTrap(make_url(database_url).port or 5432) as trap:
+            intake = IntakeProcess(tmp_path / "intake", trap.url(database_url), orthanc=orthanc)
+            with intake:
+                yield trap, intake, intake.add_site(site_name), database_url
+    finally:
+        postgres.drop_database(database_url)
+
+
 def test_a_commit_whose_answer_is_lost_is_acknowledged_and_delivered(
     own_orthanc: OrthancProcess, tmp_path: Path
 ) -> None:
@@ -512,22 +529,15 @@ def test_a_commit_whose_answer_is_lost_is_acknowledged_and_delivered(
     reaches the intake (an ambiguous commit). The intake must look the row up: it exists,
     so the upload is acknowledged and its file kept and delivered, not deleted with a 503
     (which left a queued row with no file, and the site's resend taken as a duplicate)."""
-    database_url = postgres.create_database()
-    try:
-        with CommitTrap(make_url(database_url).port or 5432) as trap:
-            intake = IntakeProcess(tmp_path / "intake", trap.url(database_url), orthanc=own_orthanc)
-            with intake:
-                site = intake.add_site("hospital-q")
-                data = make_study(n_series=1, per_series=1)[0]
-                trap.arm()
-                with intake.client(site) as client:
-                    attempt = post(client, data)
-                assert trap.fired == 1, "the trap did not see the upload's COMMIT"
-                assert attempt.status == 200, attempt
-                assert "the commit happened after all" in intake.log_text()
-                _assert_exactly_once("commit answer lost", intake, own_orthanc, [attempt])
-    finally:
-        postgres.drop_database(database_url)
+    with _behind_a_commit_trap(own_orthanc, tmp_path, "hospital-q") as (trap, intake, site, _):
+        data = make_study(n_series=1, per_series=1)[0]
+        trap.arm()
+        with intake.client(site) as client:
+            attempt = post(client, data)
+        assert trap.fired == 1, "the trap did not see the upload's COMMIT"
+        assert attempt.status == 200, attempt
+        assert "the commit happened after all" in intake.log_text()
+        _assert_exactly_once("commit answer lost", intake, own_orthanc, [attempt])
 
 
 def test_a_commit_whose_outcome_cannot_be_known_keeps_its_file(
@@ -537,30 +547,28 @@ def test_a_commit_whose_outcome_cannot_be_known_keeps_its_file(
     cannot tell whether the row exists: 503, and the file is kept. The row did commit,
     so once the database is back the forwarder delivers it, and the site's resend is
     answered as a duplicate of it: the instance is in Orthanc once."""
-    database_url = postgres.create_database()
-    try:
-        with CommitTrap(make_url(database_url).port or 5432) as trap:
-            intake = IntakeProcess(tmp_path / "intake", trap.url(database_url), orthanc=own_orthanc)
-            with intake:
-                site = intake.add_site("hospital-r")
-                data = make_study(n_series=1, per_series=1)[0]
-                trap.arm(refuse_after=True)
-                with intake.client(site) as client:
-                    first = post(client, data)
-                    assert trap.fired == 1, "the trap did not see the upload's COMMIT"
-                    assert first.status == 503, first
-                    assert "commit outcome unknown" in intake.log_text()
-                    trap.refusing = False
-                    wait_for(lambda: _settled(intake), SETTLE_SECONDS, "not delivered")
-                    again = post(client, data)
-                assert again.status == 200, again
-                rows = upload_rows(database_url)
-                assert sorted(r.state for r in rows) == ["duplicate", "forwarded"]
-                contents = orthanc_contents(own_orthanc)
-                assert contents[sop_uid(data)] == again.digest
-                assert orthanc_count(own_orthanc) == 1
-    finally:
-        postgres.drop_database(database_url)
+    with _behind_a_commit_trap(own_orthanc, tmp_path, "hospital-r") as (
+        trap,
+        intake,
+        site,
+        database_url,
+    ):
+        data = make_study(n_series=1, per_series=1)[0]
+        trap.arm(refuse_after=True)
+        with intake.client(site) as client:
+            first = post(client, data)
+            assert trap.fired == 1, "the trap did not see the upload's COMMIT"
+            assert first.status == 503, first
+            assert "commit outcome unknown" in intake.log_text()
+            trap.refusing = False
+            wait_for(lambda: _settled(intake), SETTLE_SECONDS, "not delivered")
+            again = post(client, data)
+        assert again.status == 200, again
+        rows = upload_rows(database_url)
+        assert sorted(r.state for r in rows) == ["duplicate", "forwarded"]
+        contents = orthanc_contents(own_orthanc)
+        assert contents[sop_uid(data)] == again.digest
+        assert orthanc_count(own_orthanc) == 1
 
 
 @SQLITE_ONLY
