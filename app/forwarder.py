@@ -438,6 +438,28 @@ class Forwarder:
             return False
         return False
 
+    def release_dead_leases(self) -> int:
+        """Free the leases of this host's processes that no longer run, at once rather
+        than when they run out. The service calls it when its forwarder process died;
+        never while this object itself delivers (its own pid counts as dead)."""
+        with self._sessions() as session:
+            released = self._release_dead_leases(session)
+            session.commit()
+        return released
+
+    def _release_dead_leases(self, session: Session) -> int:
+        leased = select(Upload).where(
+            Upload.state == State.QUEUED, Upload.lease_owner.is_not(None), _OURS
+        )
+        released = 0
+        for row in session.scalars(leased, {"node": self._spool.node}):
+            if row.lease_owner and self._lease_is_dead(row.lease_owner):
+                # Claimed by a process on this host that died (SIGKILL, crash): no need
+                # to wait for the lease to run out.
+                row.lease_owner = row.lease_until = None
+                released += 1
+        return released
+
     def recover(self) -> None:
         """At start-up: drop half-received files and orphans; flag rows that lost their file."""
         now = time.time()
@@ -457,12 +479,9 @@ class Forwarder:
                 if orphan or (state is not None and state != State.QUEUED):
                     log.warning("removing spool file %s: no queued upload needs it", file.name)
                     self._spool.discard(file)
+            self._release_dead_leases(session)
             queued = select(Upload).where(Upload.state == State.QUEUED, _OURS)
             for row in session.scalars(queued, {"node": self._spool.node}):
-                if row.lease_owner and self._lease_is_dead(row.lease_owner):
-                    # Claimed by an earlier process on this host that died (SIGKILL,
-                    # crash): no need to wait for the lease to run out.
-                    row.lease_owner = row.lease_until = None
                 if not self._spool.path(QUEUE, row.spool_name or "").is_file():
                     row.state = State.QUARANTINED
                     row.reason = "spool_file_missing"

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import uvicorn
 from fastapi import FastAPI
 
-from app import __version__, protocol, tls
+from app import __version__, loops, protocol, tls
 from app.api import admin, dicomweb, pages, public
 from app.api.admin.deps import admin_error_body, install_admin_errors
 from app.api.errors import install_orthanc_errors, orthanc_error_body
@@ -120,16 +120,10 @@ def _config(
 
 
 def run(settings: Settings) -> None:
-    """`serve` on uvloop (``uvicorn[standard]`` brings it), as uvicorn's own
-    ``loop="auto"`` would. It was the one clear lever before the forwarder's rework
-    (~2.7 ms less CPU per instance); since, the difference is within the noise
+    """`serve` on uvloop by default. It was the one clear lever before the forwarder's
+    rework (~2.7 ms less CPU per instance); since, the difference is within the noise
     (docs/PERFORMANCE.md). `INTAKE_EVENT_LOOP=asyncio` opts out."""
-    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
-    if settings.event_loop == "uvloop":
-        import uvloop  # only here: with INTAKE_EVENT_LOOP=asyncio it is not needed
-
-        loop_factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
+    with loops.runner(settings.event_loop) as runner:
         runner.run(serve(settings))
 
 

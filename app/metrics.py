@@ -149,15 +149,22 @@ class Metrics:
         self._handling.labels(site).observe(seconds)
 
     def record_forwarded(self, site_id: int, received_at: datetime, forwarded_at: datetime) -> None:
-        site = self._site_name(site_id)
-        self._forwards.labels(site, "forwarded", "").inc()
-        self._latency.labels(site).observe(max(0.0, (forwarded_at - received_at).total_seconds()))
+        latency = max(0.0, (forwarded_at - received_at).total_seconds())
+        self.count_forward(self._site_name(site_id), "forwarded", "", latency)
 
     def record_retry(self, site_id: int, reason: str) -> None:
-        self._forwards.labels(self._site_name(site_id), "retry", reason).inc()
+        self.count_forward(self._site_name(site_id), "retry", reason)
 
     def record_quarantine(self, site_id: int, reason: str) -> None:
-        self._forwards.labels(self._site_name(site_id), "quarantined", reason).inc()
+        self.count_forward(self._site_name(site_id), "quarantined", reason)
+
+    def count_forward(
+        self, site: str, result: str, reason: str, latency: float | None = None
+    ) -> None:
+        """One forward attempt's result; the forwarder's own process sends these here."""
+        self._forwards.labels(site, result, reason).inc()
+        if latency is not None:
+            self._latency.labels(site).observe(latency)
 
     def _site_name(self, site_id: int) -> str:
         """Site names never change, so they are looked up once per process."""

@@ -20,6 +20,7 @@ from app.admins import AdminAccess
 from app.db import make_engine, make_read_sessionmaker, make_sessionmaker
 from app.errors import ForwardError
 from app.forwarder import Forwarder
+from app.forwarder_process import ForwarderProcess
 from app.intake import Intake
 from app.metrics import Metrics
 from app.models import utcnow
@@ -56,15 +57,19 @@ class Service:
         )
         self.orthanc = OrthancClient(settings)
         self.metrics = Metrics(self.readers)
+        # Recovers at start-up; delivers too unless a process of its own does.
         self.forwarder = Forwarder(
             settings, self.sessions, self.spool, self.orthanc, metrics=self.metrics
         )
+        self._delivery: Forwarder | ForwarderProcess = self.forwarder
+        if settings.forwarder_process:
+            self._delivery = ForwarderProcess(settings, self.forwarder, self.metrics)
         self.intake = Intake(
             settings,
             self.sessions,
             self.spool,
             self.validator,
-            self.forwarder.notify,
+            self.wake_forwarder,
             metrics=self.metrics,
         )
         self.webhooks = Webhooks(settings, self.sessions)
@@ -72,8 +77,9 @@ class Service:
 
     async def start(self) -> None:
         # Database work runs in threads. The default pool (CPUs + 4 threads) is shared
-        # with the forwarder's workers, whose claims block too when the database is locked;
-        # uploads would then queue behind them for several busy timeouts. Room for all.
+        # with the forwarder's workers (when it runs here), whose claims block too when
+        # the database is locked; uploads would then queue behind them for several busy
+        # timeouts. Room for all.
         asyncio.get_running_loop().set_default_executor(
             ThreadPoolExecutor(
                 max_workers=32 + self.settings.forward_concurrency, thread_name_prefix="db"
@@ -87,10 +93,14 @@ class Service:
         await asyncio.to_thread(self.forwarder.recover)
         await asyncio.to_thread(self.validator.warm_up)
         self._tasks.append(asyncio.create_task(self._report_orthanc(), name="orthanc-check"))
-        self._tasks.append(asyncio.create_task(self.forwarder.run(), name="forwarder"))
+        self._tasks.append(asyncio.create_task(self._delivery.run(), name="forwarder"))
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
         if self.settings.webhook_urls:
             self._tasks.append(asyncio.create_task(self.webhooks.run(), name="webhooks"))
+
+    def wake_forwarder(self) -> None:
+        """A row became due: deliver it now rather than at the next poll."""
+        self._delivery.notify()
 
     async def _housekeeping(self) -> None:
         """Hourly: forget old usage windows and long-expired upload slots."""

@@ -349,7 +349,14 @@ class Settings(BaseSettings):
         default=2.0,
         gt=0,
         description="Seconds between looks at the queue for due deliveries; a new upload "
-        "in the same process wakes the forwarder at once.",
+        "received by the same service wakes the forwarder at once.",
+        json_schema_extra=_group(Group.FORWARDING),
+    )
+    forwarder_process: bool = Field(
+        default=True,
+        description="Run the forwarder in a child process of its own, so that receiving "
+        "and forwarding each have an interpreter (and a core); the service restarts it if "
+        "it dies. `false` runs it in the service's process.",
         json_schema_extra=_group(Group.FORWARDING),
     )
     orphan_grace_seconds: float = Field(

@@ -113,6 +113,8 @@ def _process_label(stack_text: str) -> tuple[str, str]:
     innermost = commands[-1] if commands else ""
     if "multiprocessing" in innermost:
         label = "validation workers (and multiprocessing helpers)"
+    elif "app.forwarder_process" in innermost:
+        label = "forwarder process"
     elif "app serve" in innermost or not commands:
         label = "intake main process"
     else:

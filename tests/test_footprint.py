@@ -21,7 +21,7 @@ from sqlalchemy import create_engine, text
 from alembic import command
 from app import migrations
 from tests import dicom_samples as samples
-from tests.support.intake import ROOT, IntakeProcess, current_rss, wait_until
+from tests.support.intake import ROOT, IntakeProcess, children, current_rss, wait_until
 from tests.support.orthanc import OrthancProcess
 from tests.support.studies import make_study
 
@@ -155,13 +155,6 @@ def test_upgrading_a_current_database_imports_no_alembic(database_url: str) -> N
     assert _heavy_modules_after(script, database_url) == []
 
 
-def _children(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(child) for child in (task / "children").read_text().split()]
-    return found
-
-
 def _maps(pid: int) -> str:
     return Path(f"/proc/{pid}/maps").read_text()
 
@@ -184,6 +177,6 @@ def test_the_serving_process_maps_no_numpy_after_an_upload(
         wait_until(lambda: instance in private_orthanc.instances(), timeout=30)
         pid = intake.pid
         assert pid is not None
-        assert any("numpy" in _maps(child) for child in _children(pid))  # the check sees it
+        assert any("numpy" in _maps(child) for child in children(pid))  # the check sees it
         assert "numpy" not in _maps(pid)
         assert current_rss(pid) < MAX_SERVING_RSS

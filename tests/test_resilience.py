@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 from sqlalchemy import create_engine, select
 
 from app.models import State, Upload
-from tests.support.intake import IntakeProcess, wait_until
+from tests.support.intake import IntakeProcess, children, is_alive, wait_until
 from tests.support.orthanc import OrthancProcess
 from tests.support.studies import make_study
 
@@ -102,35 +101,14 @@ def test_same_uid_with_different_bytes_is_a_conflict_kept_for_an_admin(
     assert private_orthanc.instance_file(first["ID"]) == original
 
 
-def _children(pid: int) -> set[int]:
-    """Processes whose parent is ``pid`` (from /proc)."""
-    found = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # the process ended while we looked
-        if int(fields[1]) == pid:
-            found.add(int(stat.parent.name))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def test_sigkill_leaves_no_worker_processes_behind(
     make_intake: Callable[..., IntakeProcess], private_orthanc: OrthancProcess
 ) -> None:
-    """Validator workers notice their intake is gone and exit (they would wait for ever)."""
+    """Validator workers and the forwarder process notice their intake is gone and exit
+    (the workers would wait for ever; the forwarder would go on delivering)."""
     intake = make_intake(private_orthanc, validation_workers="2")
-    pid = intake.pid
-    assert pid is not None
-    children = _children(pid)
-    assert len(children) >= 2  # the workers (and multiprocessing's resource tracker)
+    started = wait_until(lambda: len(children(intake.pid)) >= 3 and children(intake.pid))
+    assert len(intake.forwarder_pids()) == 1
+    # the workers, the forwarder (and multiprocessing's resource tracker)
     intake.kill()
-    wait_until(lambda: not any(_alive(child) for child in children), timeout=15)
+    wait_until(lambda: not any(is_alive(child) for child in started), timeout=15)

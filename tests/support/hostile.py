@@ -16,7 +16,6 @@ seeds, mutations and promise check of the validator fuzzing (``tests/test_fuzz.p
 from __future__ import annotations
 
 import contextlib
-import glob
 import io
 import os
 import random
@@ -64,7 +63,7 @@ from tests.dicom_samples import (
     part10,
 )
 from tests.support.archives import claims_entries, encrypted_zip, make_zip, overlapping_zip
-from tests.support.intake import current_rss, peak_rss, reset_peak_rss
+from tests.support.intake import children, current_rss, peak_rss, reset_peak_rss
 from tests.support.studies import make_nested, make_study
 
 __all__ = [
@@ -843,14 +842,6 @@ assert len({case.id for case in CASES}) == len(CASES), "case ids must be unique"
 
 
 # --- measuring ----------------------------------------------------------------------------
-
-
-def children(pid: int) -> list[int]:
-    found: list[int] = []
-    for path in glob.glob(f"/proc/{pid}/task/*/children"):
-        with contextlib.suppress(OSError), open(path) as f:
-            found += [int(p) for p in f.read().split()]
-    return found
 
 
 def worker_pids(pid: int) -> list[int]:

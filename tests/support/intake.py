@@ -192,6 +192,10 @@ class IntakeProcess:
     def pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid
 
+    def forwarder_pids(self) -> list[int]:
+        """The service's forwarder processes (``python -m app.forwarder_process``)."""
+        return [pid for pid in children(self.pid) if b"app.forwarder_process" in _cmdline(pid)]
+
     @property
     def returncode(self) -> int | None:
         return None if self._proc is None else self._proc.poll()
@@ -216,6 +220,33 @@ class IntakeProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def children(pid: int | None) -> list[int]:
+    """The processes ``pid`` started (from /proc); none for a process that is not running."""
+    found: list[int] = []
+    if pid is None:
+        return found
+    for tasks in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            found += [int(child) for child in tasks.read_text().split()]
+    return found
+
+
+def is_alive(pid: int) -> bool:
+    """Running, or stopped: neither gone nor a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def peak_rss(pid: int) -> int:

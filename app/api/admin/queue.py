@@ -85,7 +85,7 @@ async def retry_upload(upload_id: RowId, admin: AdminDep, service: ServiceDep) -
     is a queued one the forwarder is delivering at this moment.
     """
     item = await _call(service, lambda b: b.retry(upload_id, admin))
-    service.forwarder.notify()
+    service.wake_forwarder()
     return item
 
 
@@ -93,7 +93,7 @@ async def retry_upload(upload_id: RowId, admin: AdminDep, service: ServiceDep) -
 async def retry_study(body: StudyIn, admin: AdminDep, service: ServiceDep) -> RetryCountOut:
     """Retry every quarantined upload of one study of a site (conflicts are skipped)."""
     count = await _call(service, lambda b: b.retry_study(body.site, body.study_uid, admin))
-    service.forwarder.notify()
+    service.wake_forwarder()
     return _count(count)
 
 
@@ -101,7 +101,7 @@ async def retry_study(body: StudyIn, admin: AdminDep, service: ServiceDep) -> Re
 async def retry_site(name: str, admin: AdminDep, service: ServiceDep) -> RetryCountOut:
     """Retry every quarantined upload of a site (conflicts are skipped)."""
     count = await _call(service, lambda b: b.retry_site(name, admin))
-    service.forwarder.notify()
+    service.wake_forwarder()
     return _count(count)
 
 
