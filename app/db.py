@@ -23,7 +23,7 @@ class _WriterConnection(sqlite3.Connection):
     sleeps 1, 2, 5, 10 … 100 ms between tries), so threads contending for the write lock
     spend most of their time asleep while it is free. In one process, waiting on a
     Python lock instead hands the write lock over the moment it is released. Other
-    processes (the CLI) still meet SQLite's own busy handling.
+    processes (the forwarder's own, the CLI) still meet SQLite's own busy handling.
     """
 
     writer_lock: threading.Lock
