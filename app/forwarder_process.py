@@ -9,8 +9,9 @@ runs ``python -m app.forwarder_process`` beside its listeners:
   "a row was queued" wake-up. End of file, when the service stops or dies, ends the child:
   a forwarder never outlives its service. The child ignores SIGINT and SIGTERM (a Ctrl-C
   or a unit stop reaches the whole group); its service decides when it stops.
-- **stdout** (child → service): one JSON line per forward result, ``[site, result,
-  reason, latency]``, counted in the service's metrics, which ``/metrics`` serves.
+- **stdout** (child → service): ``ready`` once it runs (``/readyz`` waits for it),
+  then one JSON line per forward result, ``[site, result, reason, latency]``, counted
+  in the service's metrics, which ``/metrics`` serves.
   The child's own stdout is pointed at stderr, so a stray print cannot garble them.
 - **stderr**: the service's, so the forwarder's log lines go where the service's go.
 
@@ -46,6 +47,7 @@ from app.spool import Spool
 log = logging.getLogger(__name__)
 
 WAKE = b"w"
+READY = b"ready\n"
 _LENGTH = struct.Struct(">Q")
 _STOP_SECONDS = 20.0  # a delivery's database call may wait out SQLite's busy timeout (15 s)
 _FIRST_PAUSE = 1.0
@@ -62,6 +64,7 @@ class ForwarderProcess:
         self._metrics = metrics
         self._stdin: asyncio.StreamWriter | None = None
         self.pid: int | None = None
+        self.running = False  # the child said it is ready, and has not exited since
 
     def notify(self) -> None:
         """A row was queued: wake the child's claimer now rather than at its next poll."""
@@ -75,14 +78,15 @@ class ForwarderProcess:
         while True:
             started = time.monotonic()
             code = await self._run_child()
-            young = time.monotonic() - started < _STABLE_SECONDS
-            pause = min(pause * 2, _MAX_PAUSE) if young else _FIRST_PAUSE
+            if time.monotonic() - started >= _STABLE_SECONDS:
+                pause = _FIRST_PAUSE  # it ran a good while: a new failure, not a loop
             log.error(
                 "the forwarder process exited with %s; starting another in %.0f s",
                 _describe(code),
                 pause,
             )
             await asyncio.sleep(pause)
+            pause = min(pause * 2, _MAX_PAUSE)
 
     async def _run_child(self) -> int:
         child = await asyncio.create_subprocess_exec(
@@ -100,9 +104,13 @@ class ForwarderProcess:
         self._stdin = child.stdin
         try:
             while line := await child.stdout.readline():
-                self._count(line)
+                if line == READY:
+                    self.running = True
+                else:
+                    self._count(line)
             return await child.wait()
         finally:
+            self.running = False
             self._stdin = None
             self.pid = None
             if child.returncode is None:  # cancelled: the service is stopping
@@ -187,11 +195,12 @@ async def _forward(settings: Settings, results: int) -> None:
         while await wakes.read(4096):
             forwarder.notify()
 
-    log.info("forwarder process %d started", os.getpid())
     tasks = [
         asyncio.create_task(forwarder.run(), name="forwarder"),
         asyncio.create_task(listen(), name="wakes"),
     ]
+    os.write(results, READY)
+    log.info("forwarder process %d started", os.getpid())
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in done:

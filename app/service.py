@@ -94,6 +94,8 @@ class Service:
         await asyncio.to_thread(self.validator.warm_up)
         self._tasks.append(asyncio.create_task(self._report_orthanc(), name="orthanc-check"))
         self._tasks.append(asyncio.create_task(self._delivery.run(), name="forwarder"))
+        if not isinstance(self._delivery, ForwarderProcess):  # the process says so itself
+            log.info("forwarder started in the service's process")
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
         if self.settings.webhook_urls:
             self._tasks.append(asyncio.create_task(self.webhooks.run(), name="webhooks"))
@@ -101,6 +103,12 @@ class Service:
     def wake_forwarder(self) -> None:
         """A row became due: deliver it now rather than at the next poll."""
         self._delivery.notify()
+
+    def forwarder_running(self) -> bool:
+        """False while the forwarder's own process starts, or after it exited."""
+        if isinstance(self._delivery, ForwarderProcess):
+            return self._delivery.running
+        return True  # a task of this loop, started with the service
 
     async def _housekeeping(self) -> None:
         """Hourly: forget old usage windows and long-expired upload slots."""

@@ -50,7 +50,12 @@ def test_readyz_follows_the_private_orthanc(
     response = wait_until(lambda: (r := _ready(intake)).status_code == 503 and r, timeout=30)
     body = response.json()
     assert body["ready"] is False
-    assert body["checks"] == {"database": True, "orthanc": False, "spool": True}
+    assert body["checks"] == {
+        "database": True,
+        "orthanc": False,
+        "spool": True,
+        "forwarder": True,
+    }
     assert set(body["failing"]) == {"orthanc"}
     own_orthanc.start()
     wait_until(lambda: _ready(intake).status_code == 200, timeout=30)

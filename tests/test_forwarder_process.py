@@ -8,6 +8,7 @@ import signal
 from collections.abc import Callable
 from typing import Any, cast
 
+import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, select
 
@@ -89,9 +90,23 @@ def test_a_dead_forwarder_process_is_replaced_and_its_deliveries_freed(
         os.kill(own_orthanc.pid, signal.SIGCONT)
     wait_until(lambda: answer["ID"] in own_orthanc.instances(), timeout=30)
     wait_until(lambda: _row(database_url, receipt).state == "forwarded", timeout=15)
-    assert "the forwarder process exited with signal SIGKILL" in intake.log_text()
+    assert "the forwarder process exited with signal SIGKILL; starting another in 1 s" in (
+        intake.log_text()
+    )
     (second,) = intake.forwarder_pids()
     assert second != first
+    # Dying young again doubles the pause; meanwhile /readyz says the forwarder is down.
+    os.kill(second, signal.SIGKILL)
+    wait_until(lambda: _forwarder_check(intake) is False, timeout=2, interval=0.05)
+    wait_until(lambda: _forwarder_check(intake) is True, timeout=30)
+    assert "starting another in 2 s" in intake.log_text()
+
+
+def _forwarder_check(intake: IntakeProcess) -> bool:
+    answer = httpx.get(f"{intake.admin_url}/readyz", timeout=10)
+    checks: dict[str, bool] = answer.json()["checks"]
+    assert answer.status_code == (200 if all(checks.values()) else 503)
+    return checks["forwarder"]
 
 
 def test_the_forwarder_process_ends_with_its_service(

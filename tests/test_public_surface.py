@@ -137,4 +137,9 @@ def test_health_lives_on_the_admin_listener(intake: IntakeProcess) -> None:
     assert httpx.get(f"{intake.admin_url}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{intake.admin_url}/readyz")
     assert ready.status_code == 200, ready.text
-    assert ready.json()["checks"] == {"database": True, "orthanc": True, "spool": True}
+    assert ready.json()["checks"] == {
+        "database": True,
+        "orthanc": True,
+        "spool": True,
+        "forwarder": True,
+    }

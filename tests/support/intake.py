@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,8 @@ from tests.support import leaks
 from tests.support.orthanc import OrthancProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+# Logged by the forwarder's own process, or by the service when it runs the forwarder.
+_FORWARDER_STARTED = re.compile(r"forwarder (process \d+ )?started")
 
 
 class IntakeStartError(RuntimeError):
@@ -146,6 +149,7 @@ class IntakeProcess:
             self.public_port = free_port()
         if not self.admin_port:
             self.admin_port = free_port()
+        started_before = len(_FORWARDER_STARTED.findall(self.log_text()))
         log = self.log_path.open("ab")
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "app", "serve"],
@@ -159,8 +163,11 @@ class IntakeProcess:
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 raise IntakeStartError(f"intake exited {self._proc.returncode}:\n{self.log_tail()}")
+            # Up once it answers and its forwarder runs (its own process starts beside
+            # the listeners): a test then meets neither a 503 /readyz nor its start-up.
+            started = len(_FORWARDER_STARTED.findall(self.log_text())) > started_before
             try:
-                if httpx.get(f"{self.admin_url}/healthz", timeout=2).status_code == 200:
+                if started and httpx.get(f"{self.admin_url}/healthz", timeout=2).is_success:
                     return
             except httpx.HTTPError:
                 pass

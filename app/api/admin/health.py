@@ -29,7 +29,7 @@ _ORTHANC_CHECK_SECONDS = 5.0
 
 class Readiness(BaseModel):
     ready: bool
-    checks: dict[str, bool] = Field(description="database, orthanc, spool")
+    checks: dict[str, bool] = Field(description="database, orthanc, spool, forwarder")
     failing: dict[str, str] = Field(description="Why each failing check failed")
 
 
@@ -83,11 +83,15 @@ def _spool_check(service: Service) -> str | None:
     responses={503: {"model": Readiness, "description": "A check failed"}},
 )
 async def readyz(service: ServiceDep) -> JSONResponse:
-    """The database and the private Orthanc answer, and the spool takes files above its floor."""
+    """The database and the private Orthanc answer, the spool takes files above its floor,
+    and the forwarder runs (its own process may be starting or restarting)."""
     database, orthanc, spool = await asyncio.gather(
         _database(service), _orthanc(service), asyncio.to_thread(_spool_check, service)
     )
-    problems = {"database": database, "orthanc": orthanc, "spool": spool}
+    forwarder = None
+    if not service.forwarder_running():
+        forwarder = "the forwarder process is not running: starting, or restarting (see the log)"
+    problems = {"database": database, "orthanc": orthanc, "spool": spool, "forwarder": forwarder}
     failing = {name: problem for name, problem in problems.items() if problem is not None}
     body = Readiness(
         ready=not failing,
