@@ -9,7 +9,9 @@ from fastapi import Depends, Request
 from app.service import Service
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:
+    # async: FastAPI runs a plain `def` dependency in a worker thread, a hand-off per
+    # request that was 11 % of the upload path's CPU (docs/PERFORMANCE.md).
     service: Service = request.app.state.service
     return service
 

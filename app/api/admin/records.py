@@ -106,7 +106,7 @@ async def _call(service: Service, action: Callable[[Session], T]) -> T:
     return await asyncio.to_thread(run)
 
 
-def _upload_filters(
+async def _upload_filters(  # async: no worker thread for a few assignments
     site: str | None = None,
     state: Annotated[list[State] | None, Query(description="Repeatable")] = None,
     received_from: Since = None,
