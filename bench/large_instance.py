@@ -154,6 +154,8 @@ def _short(command: str) -> str:
         return "validation worker"
     if "resource_tracker" in command:
         return "multiprocessing resource tracker"
+    if "app.forwarder_process" in command:
+        return "forwarder process"
     return command[:60]
 
 
@@ -193,8 +195,8 @@ def report(result: LargeResult) -> list[str]:
     )
     verdict = "MET" if result.passed else "NOT MET"
     lines.append(
-        f"{verdict}: peak RSS of the intake {result.worst_intake_rss / MB:.1f} MB and of a "
-        f"validation worker {result.worst_worker_rss / MB:.0f} MB, "
+        f"{verdict}: peak RSS of the intake {result.worst_intake_rss / MB:.1f} MB and of its "
+        f"largest child process {result.worst_worker_rss / MB:.0f} MB, "
         f"target < {TARGET_RSS / MB:.0f} MB"
     )
     return lines
