@@ -25,7 +25,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import Select, Table, bindparam, or_, select
+from sqlalchemy import Select, Table, bindparam, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import logs
@@ -125,6 +125,19 @@ def _md5(path: Path) -> str:
         while chunk := file.read(1024 * 1024):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _is_zombie(pid: int) -> bool:
+    """Exited but not reaped. A forwarder process whose service was SIGKILLed is adopted
+    by PID 1, which in a container may never reap it: ``kill(pid, 0)`` still succeeds."""
+    proc = Path("/proc")
+    try:
+        stat = (proc / str(pid) / "stat").read_text()
+    except FileNotFoundError:
+        return proc.is_dir()  # reaped since kill() saw it; without /proc, we cannot tell
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]
 
 
 class Forwarder:
@@ -436,7 +449,23 @@ class Forwarder:
             return True
         except PermissionError:
             return False
-        return False
+        return _is_zombie(pid)
+
+    def release_own_leases(self) -> int:
+        """Free this process's leases as it stops (its deliveries were cancelled), so the
+        next forwarder need not wait for them to run out, nor for this pid to be reaped."""
+        with self._sessions() as session:
+            released = session.scalars(
+                update(Upload)
+                .where(
+                    Upload.state == State.QUEUED,
+                    Upload.lease_owner.startswith(f"{self.owner}/", autoescape=True),
+                )
+                .values(lease_owner=None, lease_until=None)
+                .returning(Upload.id)
+            ).all()
+            session.commit()
+        return len(released)
 
     def release_dead_leases(self) -> int:
         """Free the leases of this host's processes that no longer run, at once rather

@@ -63,7 +63,6 @@ class ForwarderProcess:
         self._forwarder = forwarder  # only to free a dead child's leases
         self._metrics = metrics
         self._stdin: asyncio.StreamWriter | None = None
-        self.pid: int | None = None
         self.running = False  # the child said it is ready, and has not exited since
 
     def notify(self) -> None:
@@ -98,7 +97,6 @@ class ForwarderProcess:
         )
         assert child.stdin is not None
         assert child.stdout is not None
-        self.pid = child.pid
         settings = pickle.dumps(self._settings)
         child.stdin.write(_LENGTH.pack(len(settings)) + settings + WAKE)
         self._stdin = child.stdin
@@ -112,7 +110,6 @@ class ForwarderProcess:
         finally:
             self.running = False
             self._stdin = None
-            self.pid = None
             if child.returncode is None:  # cancelled: the service is stopping
                 child.stdin.close()
                 try:
@@ -156,9 +153,11 @@ class _Results(Metrics):
     def count_forward(
         self, site: str, result: str, reason: str, latency: float | None = None
     ) -> None:
-        # Under PIPE_BUF bytes, so one write is atomic from any thread.
+        # Under PIPE_BUF bytes, so one write is atomic from any thread. A metric never
+        # fails a delivery: with the service gone (EPIPE) this process is ending anyway.
         line = json.dumps([site, result, reason, latency]).encode() + b"\n"
-        os.write(self._fd, line)
+        with contextlib.suppress(OSError):
+            os.write(self._fd, line)
 
 
 def _read_exactly(fd: int, size: int) -> bytes:
@@ -209,6 +208,8 @@ async def _forward(settings: Settings, results: int) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):  # else the service frees them, or they run out
+            await asyncio.to_thread(forwarder.release_own_leases)
         await orthanc.aclose()
         engine.dispose()
 

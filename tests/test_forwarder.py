@@ -34,6 +34,7 @@ from app.models import Site, State, Upload, utcnow
 from app.orthanc import OrthancClient
 from app.settings import Settings
 from app.spool import QUARANTINE, QUEUE, TMP, Spool
+from tests.support.intake import wait_until
 
 USERNAME = "u"
 # Distinctive, so that finding it in a row's detail means it leaked.
@@ -681,6 +682,35 @@ def _dead_pid() -> int:
     child = subprocess.Popen(["true"])
     child.wait()
     return child.pid
+
+
+def test_a_stopping_forwarder_frees_only_its_own_leases(world: World) -> None:
+    ours, theirs = world.queue(), world.queue()
+    forwarder = world.forwarder()
+    later = utcnow() + timedelta(seconds=300)
+    world.set(ours.id, lease_owner=f"{forwarder.owner}/abc", lease_until=later)
+    world.set(theirs.id, lease_owner=f"{forwarder.owner}0/abc", lease_until=later)
+    assert forwarder.release_own_leases() == 1
+    assert world.row(ours.id).lease_owner is None
+    assert world.row(theirs.id).lease_owner == f"{forwarder.owner}0/abc"  # another pid
+
+
+def test_recover_releases_the_lease_of_an_unreaped_process(world: World) -> None:
+    """A forwarder process whose service was SIGKILLed may stay a zombie (PID 1 in a
+    container need not reap it): kill(pid, 0) still succeeds, yet it holds nothing."""
+    zombie = subprocess.Popen(["true"])  # not waited for until the end: a zombie
+    try:
+        stat = Path(f"/proc/{zombie.pid}/stat")
+        wait_until(lambda: stat.read_text().rpartition(")")[2].split()[0] == "Z", timeout=10)
+        row = world.queue()
+        forwarder = world.forwarder()
+        host = forwarder.owner.rpartition(":")[0]
+        later = utcnow() + timedelta(seconds=300)
+        world.set(row.id, lease_owner=f"{host}:{zombie.pid}/abc", lease_until=later)
+        assert forwarder.release_dead_leases() == 1
+        assert world.row(row.id).lease_owner is None
+    finally:
+        zombie.wait()
 
 
 def test_recover_releases_leases_of_dead_processes_on_this_host(world: World) -> None:

@@ -145,10 +145,22 @@ class IntakeProcess:
         leaks.remember_log(self.log_path)
         if self.orthanc is not None:
             leaks.remember_secret(self.orthanc.password)
-        if not self.public_port:
-            self.public_port = free_port()
-        if not self.admin_port:
-            self.admin_port = free_port()
+        # A port chosen here can be taken before the intake binds it (by any outgoing
+        # connection's ephemeral port): then choose again, as tests.support.orthanc does.
+        choose = not self.public_port, not self.admin_port
+        for attempt in range(3):
+            if choose[0]:
+                self.public_port = free_port()
+            if choose[1]:
+                self.admin_port = free_port()
+            try:
+                self._start_once(timeout)
+                return
+            except IntakeStartError as exc:
+                if attempt == 2 or not any(choose) or "address already in use" not in str(exc):
+                    raise
+
+    def _start_once(self, timeout: float) -> None:
         started_before = len(_FORWARDER_STARTED.findall(self.log_text()))
         log = self.log_path.open("ab")
         self._proc = subprocess.Popen(
