@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,27 @@ class _WriterConnection(sqlite3.Connection):
 
     writer_lock: threading.Lock
     holds_writer_lock = False
+    busy_timeout_ms = SQLITE_BUSY_TIMEOUT_MS
 
     def take_writer_lock(self) -> bool:
-        """Wait, as long as SQLite's busy timeout, for this process's writer turn."""
+        """Wait, as long as SQLite's busy timeout, for this process's writer turn; what
+        the turn took comes off SQLite's own wait that follows (another process may hold
+        the lock), so a writer waits one busy timeout in all, not two."""
+        started = time.monotonic()
         self.holds_writer_lock = self.writer_lock.acquire(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)
+        if self.holds_writer_lock:
+            waited_ms = int((time.monotonic() - started) * 1000)
+            # A short turn keeps the whole timeout: no PRAGMA for most transactions.
+            left = (
+                SQLITE_BUSY_TIMEOUT_MS if waited_ms < 1000 else SQLITE_BUSY_TIMEOUT_MS - waited_ms
+            )
+            self._busy_timeout(max(1, left))
         return self.holds_writer_lock
+
+    def _busy_timeout(self, ms: int) -> None:
+        if ms != self.busy_timeout_ms:
+            self.execute(f"PRAGMA busy_timeout={ms}")
+            self.busy_timeout_ms = ms
 
     def _release(self) -> None:
         if self.holds_writer_lock:
