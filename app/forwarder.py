@@ -141,6 +141,8 @@ def _is_zombie(pid: int) -> bool:
 
 
 class Forwarder:
+    running = True  # as a task of the service's loop, it runs whenever the service does
+
     def __init__(
         self,
         settings: Settings,

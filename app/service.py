@@ -94,7 +94,7 @@ class Service:
         await asyncio.to_thread(self.validator.warm_up)
         self._tasks.append(asyncio.create_task(self._report_orthanc(), name="orthanc-check"))
         self._tasks.append(asyncio.create_task(self._delivery.run(), name="forwarder"))
-        if not isinstance(self._delivery, ForwarderProcess):  # the process says so itself
+        if not self.settings.forwarder_process:  # its own process says so itself
             log.info("forwarder started in the service's process")
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
         if self.settings.webhook_urls:
@@ -106,9 +106,7 @@ class Service:
 
     def forwarder_running(self) -> bool:
         """False while the forwarder's own process starts, or after it exited."""
-        if isinstance(self._delivery, ForwarderProcess):
-            return self._delivery.running
-        return True  # a task of this loop, started with the service
+        return self._delivery.running
 
     async def _housekeeping(self) -> None:
         """Hourly: forget old usage windows and long-expired upload slots."""

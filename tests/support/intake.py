@@ -161,7 +161,7 @@ class IntakeProcess:
                     raise
 
     def _start_once(self, timeout: float) -> None:
-        started_before = len(_FORWARDER_STARTED.findall(self.log_text()))
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = self.log_path.open("ab")
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "app", "serve"],
@@ -177,7 +177,7 @@ class IntakeProcess:
                 raise IntakeStartError(f"intake exited {self._proc.returncode}:\n{self.log_tail()}")
             # Up once it answers and its forwarder runs (its own process starts beside
             # the listeners): a test then meets neither a 503 /readyz nor its start-up.
-            started = len(_FORWARDER_STARTED.findall(self.log_text())) > started_before
+            started = _FORWARDER_STARTED.search(self._log_since(offset)) is not None
             try:
                 if started and httpx.get(f"{self.admin_url}/healthz", timeout=2).is_success:
                     return
@@ -218,6 +218,12 @@ class IntakeProcess:
     @property
     def returncode(self) -> int | None:
         return None if self._proc is None else self._proc.poll()
+
+    def _log_since(self, offset: int) -> str:
+        """What this start wrote to the (appended) log: not the whole file every poll."""
+        with self.log_path.open("rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace")
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
