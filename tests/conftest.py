@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from app import migrations
 from tests.support import leaks, postgres
 from tests.support.intake import Admin, IntakeProcess, Site
 from tests.support.orthanc import OrthancProcess
@@ -35,9 +39,66 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+class _Templates:
+    """One database per backend migrated once per run by the real alembic migrations;
+    each test gets a copy (a copied SQLite file, PostgreSQL's CREATE DATABASE … TEMPLATE),
+    so a test pays no migration and every test still starts from the migrations' schema."""
+
+    def __init__(self, folder: Path) -> None:
+        self._folder = folder
+        self._urls: dict[str, str] = {}
+
+    def url(self, backend: str) -> str:
+        if backend not in self._urls:
+            if backend == "sqlite":
+                url = f"sqlite:///{self._folder / 'template.db'}"
+            else:
+                url = postgres.create_database()
+            migrations.upgrade(url)
+            self._urls[backend] = url
+        return self._urls[backend]
+
+    def copy(self, backend: str, folder: Path) -> str:
+        template = self.url(backend)
+        if backend != "sqlite":
+            return postgres.create_database(template)
+        target = folder / "intake.db"
+        with (
+            contextlib.closing(sqlite3.connect(template.removeprefix("sqlite:///"))) as src,
+            contextlib.closing(sqlite3.connect(target)) as dst,
+        ):
+            src.backup(dst)  # the whole database, its WAL included
+        return f"sqlite:///{target}"
+
+    def drop(self) -> None:
+        for backend, url in self._urls.items():
+            if backend != "sqlite":
+                postgres.drop_database(url)
+
+
+@pytest.fixture(scope="session")
+def templates(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Templates]:
+    made = _Templates(tmp_path_factory.mktemp("templates"))
+    yield made
+    made.drop()
+
+
 @pytest.fixture(params=BACKENDS)
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """An empty database on each backend in turn."""
+def database_url(
+    request: pytest.FixtureRequest, tmp_path: Path, templates: _Templates
+) -> Iterator[str]:
+    """A database at the newest schema on each backend in turn (a copy of the template)."""
+    url = templates.copy(request.param, tmp_path)
+    try:
+        yield url
+    finally:
+        if request.param != "sqlite":
+            postgres.drop_database(url)
+
+
+@pytest.fixture(params=BACKENDS)
+def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database on each backend in turn: for the migrations' own tests."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'intake.db'}"
         return
@@ -108,6 +169,31 @@ def module_intake(
     process.start()
     yield process
     process.kill()
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def shared_intake(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    private_orthanc: OrthancProcess,
+    templates: _Templates,
+) -> Iterator[IntakeProcess]:
+    """One intake per backend for a module's tests that take the default settings; each
+    test makes its own site (``fresh_site``), so they stay independent of each other."""
+    workdir = tmp_path_factory.mktemp(f"shared-intake-{request.param}")
+    url = templates.copy(request.param, workdir)
+    process = IntakeProcess(workdir / "intake", url, orthanc=private_orthanc)
+    process.start()
+    yield process
+    process.kill()
+    if request.param != "sqlite":
+        postgres.drop_database(url)
+
+
+@pytest.fixture
+def fresh_site(shared_intake: IntakeProcess) -> Site:
+    """A site of its own on the shared intake."""
+    return shared_intake.add_site(f"site-{uuid.uuid4().hex[:12]}")
 
 
 @pytest.fixture(scope="module")

@@ -37,10 +37,10 @@ def _run(
     )
 
 
-def test_migrate_then_sites_add_json(tmp_path: Path, database_url: str) -> None:
+def test_migrate_then_sites_add_json(tmp_path: Path, empty_database_url: str) -> None:
     """`sites add --json` prints the site, a well-formed token and the peer snippets."""
-    assert _run(tmp_path, database_url, "migrate").returncode == 0
-    done = _run(tmp_path, database_url, "sites", "add", "hospital-a", "--json")
+    assert _run(tmp_path, empty_database_url, "migrate").returncode == 0
+    done = _run(tmp_path, empty_database_url, "sites", "add", "hospital-a", "--json")
     assert done.returncode == 0, done.stderr
     data = json.loads(done.stdout)
     assert data["site"] == "hospital-a"

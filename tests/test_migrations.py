@@ -17,9 +17,9 @@ from app.migrations import alembic_config, upgrade
 from app.models import Base, Site
 
 
-def test_autogenerate_finds_nothing_to_do(database_url: str) -> None:
-    upgrade(database_url)
-    engine = create_engine(database_url)
+def test_autogenerate_finds_nothing_to_do(empty_database_url: str) -> None:
+    upgrade(empty_database_url)
+    engine = create_engine(empty_database_url)
     try:
         with engine.connect() as conn:
             context = MigrationContext.configure(conn, opts={"compare_type": True})
@@ -28,28 +28,30 @@ def test_autogenerate_finds_nothing_to_do(database_url: str) -> None:
         engine.dispose()
 
 
-def test_upgrade_is_idempotent_and_downgrade_empties(database_url: str) -> None:
-    upgrade(database_url)
-    upgrade(database_url)
-    command.downgrade(alembic_config(database_url), "base")
-    engine = create_engine(database_url)
+def test_upgrade_is_idempotent_and_downgrade_empties(empty_database_url: str) -> None:
+    upgrade(empty_database_url)
+    upgrade(empty_database_url)
+    command.downgrade(alembic_config(empty_database_url), "base")
+    engine = create_engine(empty_database_url)
     try:
         assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
     finally:
         engine.dispose()
 
 
-def test_upgrade_from_0001_keeps_sites_and_gives_them_an_open_policy(database_url: str) -> None:
+def test_upgrade_from_0001_keeps_sites_and_gives_them_an_open_policy(
+    empty_database_url: str,
+) -> None:
     """Rows written by the first schema survive 0002, with no restrictions added."""
-    command.upgrade(alembic_config(database_url), "0001")
-    engine = create_engine(database_url)
+    command.upgrade(alembic_config(empty_database_url), "0001")
+    engine = create_engine(empty_database_url)
     try:
         with engine.begin() as conn:
             conn.execute(
                 text("INSERT INTO sites (name, created_at) VALUES ('old-site', :now)"),
                 {"now": datetime.now(UTC).replace(tzinfo=None)},
             )
-        upgrade(database_url)
+        upgrade(empty_database_url)
         with Session(engine) as session:
             site = session.scalars(select(Site)).one()
             assert site.name == "old-site"

@@ -29,11 +29,12 @@ def _connect() -> psycopg.Connection[tuple[object, ...]]:
     )
 
 
-def create_database() -> str:
-    """Create an empty database; return its SQLAlchemy URL."""
+def create_database(template: str | None = None) -> str:
+    """Create a database, empty or a copy of ``template`` (a URL); return its URL."""
     name = f"intake_test_{secrets.token_hex(6)}"
+    copy = f' TEMPLATE "{make_url(template).database}"' if template else ""
     with _connect() as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')  # name is ours: hex only
+        conn.execute(f'CREATE DATABASE "{name}"{copy}')  # names are ours: hex only
     return make_url(admin_url()).set(database=name).render_as_string(hide_password=False)
 
 
