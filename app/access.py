@@ -78,9 +78,14 @@ class Access:
                 "too many failed authentications from this address; try again later",
                 retry_after=math.ceil(wait),
             )
-        if credentials is None:
+        if credentials is None and not auth.is_presented(authorization):
             raise Unauthenticated("no credentials: use HTTP Basic (site name + token) or Bearer")
         try:
+            if credentials is None:
+                raise Unauthenticated(
+                    "the Authorization header holds neither HTTP Basic (site name + token) "
+                    "nor Bearer credentials"
+                )
             if digest is None:
                 raise Unauthenticated("the token is not a well-formed intake token")
             found = await self._lookup(digest)

@@ -42,7 +42,7 @@ class AdminView:
 
 
 def add(session: Session, name: str, password: str) -> AdminView:
-    if not SITE_NAME.match(name):
+    if not SITE_NAME.fullmatch(name):
         raise SiteError(f"admin name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
     if len(password) < MIN_PASSWORD_LENGTH:
         raise SiteError(f"the password must have at least {MIN_PASSWORD_LENGTH} characters")
@@ -73,7 +73,12 @@ def remove(session: Session, name: str) -> None:
 
 def verify(session: Session, name: str, password: str) -> bool:
     """True when the password is right; re-hashes it if the scheme's settings moved on."""
-    admin = session.scalar(select(Admin).where(Admin.name == name))
+    # A name no admin can have (a NUL, which PostgreSQL refuses in a query) is not looked up.
+    admin = (
+        session.scalar(select(Admin).where(Admin.name == name))
+        if SITE_NAME.fullmatch(name)
+        else None
+    )
     if admin is None:
         PASSWORDS.dummy_verify()  # same cost whether or not the name exists
         return False
@@ -172,6 +177,8 @@ class AdminAccess:
                 retry_after=math.ceil(wait),
             )
         if credentials is None or key is None:
+            if auth.is_presented(authorization):  # there, but unusable: a failure
+                self.throttle.failed(address)
             raise AdminUnauthenticated("admin credentials needed: HTTP Basic or a Bearer token")
         name = await self._verify(credentials, key)
         if name is None:

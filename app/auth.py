@@ -10,7 +10,6 @@ would add ~90 ms per upload and no security.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import secrets
 import zlib
@@ -42,12 +41,14 @@ def new_token(prefix: str = TOKEN_PREFIX) -> str:
 
 
 def is_well_formed(token: str, prefix: str = TOKEN_PREFIX) -> bool:
-    if len(token) != TOKEN_LENGTH or not token.startswith(prefix):
+    """Whether ``token`` has the format and checksum of a token; any string may be asked
+    (a header's non-ASCII characters included: compare_digest takes ASCII strings only)."""
+    if len(token) != TOKEN_LENGTH or not token.startswith(prefix) or not token.isascii():
         return False
     body = token[len(prefix) : len(prefix) + _BODY_LEN]
     if any(c not in _ALPHABET for c in body):
         return False
-    return secrets.compare_digest(token[-_CHECK_LEN:], _checksum(body))
+    return secrets.compare_digest(token[-_CHECK_LEN:].encode(), _checksum(body).encode())
 
 
 def digest(token: str) -> str:
@@ -70,6 +71,12 @@ class Credentials:
     site_name: str | None  # given with Basic; Bearer carries the token alone
 
 
+def is_presented(header: str | None) -> bool:
+    """Whether a request carries an ``Authorization`` header at all: one that is there but
+    unusable is a failed authentication (throttled), not a request without credentials."""
+    return bool(header and header.strip())
+
+
 def parse_authorization(header: str | None) -> Credentials | None:
     """Credentials from an ``Authorization`` header, or None when there are none usable."""
     if not header:
@@ -81,7 +88,7 @@ def parse_authorization(header: str | None) -> Credentials | None:
     if scheme.lower() == "basic" and value:
         try:
             decoded = base64.b64decode(value, validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
+        except ValueError:  # binascii.Error, UnicodeDecodeError, or a non-ASCII value
             return None
         name, sep, token = decoded.partition(":")
         if not sep:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 
 __all__ = [
+    "URL_UID",
     "Limits",
     "OrthancIds",
     "Summary",
@@ -57,6 +59,12 @@ def read_summary(path: str | os.PathLike[str], limits: Limits) -> Summary:
     from app import part10  # here, not at the top: see the module's docstring
 
     return part10.read_summary(path, limits)
+
+
+# What a UID in a URL may hold (STOW-RS ``/studies/{uid}``): PS3.5's digits and dots, and
+# the letters, '-' and '_' that real devices write into non-conformant UIDs; never a
+# space, '/', '%' or control character (a decoded path is quoted in answers and logs).
+URL_UID = re.compile(r"[0-9A-Za-z._-]{1,128}")
 
 
 def orthanc_hash(*parts: str) -> str:

@@ -16,17 +16,27 @@ import sys
 import uuid
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from typing import Any
 
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 REQUEST_ID_HEADER = "X-Request-ID"
-_VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_VALID_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "request_id"}
+# C0 and C1 controls, DEL, and Unicode's line and paragraph separators: anything that can
+# end a line or drive a terminal. A value holding them (a site's Modality, a decoded URL)
+# must never write a line of its own: it could look exactly like a real warning.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` on one line: every control character as a visible ``\\xNN``/``\\uNNNN``."""
+    return _CONTROLS.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 def accept_request_id(offered: str | None) -> str:
     """The client's (or proxy's) ID when it is short and plain; else a new one."""
-    if offered and _VALID_ID.match(offered):
+    if offered and _VALID_ID.fullmatch(offered):
         return offered
     return uuid.uuid4().hex
 
@@ -59,6 +69,20 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        """The line, whatever the values in it hold (``escape_controls``)."""
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:
+        """A traceback, each of its lines indented: an exception's message (which may
+        quote what a client sent) can then never start a line that looks like a record."""
+        text = super().formatException(ei)
+        return "\n".join("    " + escape_controls(line) for line in text.splitlines())
+
+    def formatStack(self, stack_info: str) -> str:
+        return "\n".join("    " + escape_controls(line) for line in stack_info.splitlines())
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)

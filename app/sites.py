@@ -21,7 +21,7 @@ from app.errors import Unauthenticated
 from app.models import Site, SiteToken, utcnow
 from app.policy import SitePolicy, parse_networks
 
-SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # always fullmatch: `$` takes a newline
 POLICY_LIMITS = (
     "max_instance_bytes",
     "instances_per_minute",
@@ -30,13 +30,13 @@ POLICY_LIMITS = (
 )
 POLICY_LISTS = ("allowed_cidrs", "allowed_modalities", "allowed_sop_classes")
 POLICY_BINDINGS = ("client_cert_sha256",)
-_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def normalise_fingerprint(value: str) -> str:
     """``AB:CD:…`` or ``abcd…`` (as openssl and browsers print SHA-256 fingerprints)."""
     cleaned = value.strip().lower().replace(":", "").removeprefix("sha256=")
-    if not _SHA256_HEX.match(cleaned):
+    if not _SHA256_HEX.fullmatch(cleaned):
         raise SiteError("a client certificate fingerprint is 64 hex digits (SHA-256 of the DER)")
     return cleaned
 
@@ -168,7 +168,7 @@ def add(
     lifetime: timedelta | None = timedelta(days=365),
 ) -> NewToken:
     """Create a site with its first token; the token is returned once."""
-    if not SITE_NAME.match(name):
+    if not SITE_NAME.fullmatch(name):
         raise SiteNameInvalid(
             f"site name {name!r} must be 1-64 characters of letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"

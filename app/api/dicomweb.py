@@ -8,10 +8,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
-from app import stow
+from app import dicom, stow
 from app.api.deps import ServiceDep
 from app.api.public import BINARY_SCHEMA, UPLOAD_ERRORS, SiteDep, declared_bytes, error_responses
-from app.errors import MalformedMultipart, NotAcceptable, UnsupportedMediaType
+from app.errors import InvalidUid, MalformedMultipart, NotAcceptable, UnsupportedMediaType
 from app.parts import MediaType
 
 router = APIRouter(redirect_slashes=False)
@@ -153,4 +153,9 @@ async def store_study_instances(
     study: str, request: Request, site: SiteDep, service: ServiceDep
 ) -> Response:
     """STOW-RS into one study: instances of another study are refused one by one."""
+    if not dicom.URL_UID.fullmatch(study):
+        raise InvalidUid(
+            f"the study UID in the URL ({study[:80]!r}) is not a UID: digits and '.', "
+            "at most 128 characters"
+        )
     return await _store(request, site, service, study)

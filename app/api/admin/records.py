@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from app import records, stats, studies
 from app.api.admin.deps import ERROR_RESPONSES, AdminDep, ErrorBody, RowId, ServiceDep
 from app.errors import NotFound
+from app.logs import escape_controls
 from app.models import State
 from app.service import Service
 
@@ -183,8 +184,26 @@ async def export_uploads(
 
 
 def _csv_row(record: records.UploadRecord) -> list[object]:
-    values = [getattr(record, name) for name in records.FIELDS]
-    return [v.isoformat() if isinstance(v, datetime) else ("" if v is None else v) for v in values]
+    return [csv_cell(getattr(record, name)) for name in records.FIELDS]
+
+
+# A cell a spreadsheet would run as a formula (OWASP, "CSV Injection"): sites choose
+# PatientIDs, Modalities, file and entry names, and the admin opens the export.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: object) -> object:
+    """One CSV cell that a spreadsheet shows as text: control characters escaped
+    (terminal escape sequences, line breaks), a leading formula character quoted."""
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if not isinstance(value, str):
+        return value  # numbers and booleans are the intake's own
+    if value.startswith(_FORMULA_START):
+        value = "'" + value
+    return escape_controls(value)
 
 
 @router.get("/uploads/{upload_id}", tags=["uploads"])
