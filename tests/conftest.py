@@ -39,7 +39,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-class _Templates:
+class Templates:
     """One database per backend migrated once per run by the real alembic migrations;
     each test gets a copy (a copied SQLite file, PostgreSQL's CREATE DATABASE … TEMPLATE),
     so a test pays no migration and every test still starts from the migrations' schema."""
@@ -70,6 +70,10 @@ class _Templates:
             src.backup(dst)  # the whole database, its WAL included
         return f"sqlite:///{target}"
 
+    def drop_copy(self, backend: str, url: str) -> None:
+        if backend != "sqlite":
+            postgres.drop_database(url)
+
     def drop(self) -> None:
         for backend, url in self._urls.items():
             if backend != "sqlite":
@@ -77,15 +81,15 @@ class _Templates:
 
 
 @pytest.fixture(scope="session")
-def templates(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Templates]:
-    made = _Templates(tmp_path_factory.mktemp("templates"))
+def templates(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Templates]:
+    made = Templates(tmp_path_factory.mktemp("templates"))
     yield made
     made.drop()
 
 
 @pytest.fixture(params=BACKENDS)
 def database_url(
-    request: pytest.FixtureRequest, tmp_path: Path, templates: _Templates
+    request: pytest.FixtureRequest, tmp_path: Path, templates: Templates
 ) -> Iterator[str]:
     """A database at the newest schema on each backend in turn (a copy of the template)."""
     url = templates.copy(request.param, tmp_path)
@@ -176,7 +180,7 @@ def shared_intake(
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
     private_orthanc: OrthancProcess,
-    templates: _Templates,
+    templates: Templates,
 ) -> Iterator[IntakeProcess]:
     """One intake per backend for a module's tests that take the default settings; each
     test makes its own site (``fresh_site``), so they stay independent of each other."""

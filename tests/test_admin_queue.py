@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import make_engine, make_sessionmaker
 from app.models import Site, State, Upload, utcnow
+from tests.conftest import BACKENDS, Templates
 from tests.support.intake import Admin, IntakeProcess, wait_until
 from tests.support.intake import Site as SiteCredentials
 from tests.support.orthanc import OrthancProcess, refusing_uploads
@@ -34,11 +35,14 @@ OTHER_STUDY = "1.2.826.0.1.3680043.8.498.2"
 
 @dataclass
 class World:
-    """An offline intake, an admin, and direct access to its database and spool."""
+    """An offline intake, an admin, two sites of this test's own (``a``, ``b``), and
+    direct access to the database and spool."""
 
     intake: IntakeProcess
     admin: Admin
     sessions: sessionmaker[Session]
+    a: str
+    b: str
 
     def client(self) -> httpx.Client:
         return self.intake.admin_client(self.admin)
@@ -100,14 +104,39 @@ def _database(database_url: str) -> Iterator[sessionmaker[Session]]:
         engine.dispose()
 
 
+@pytest.fixture(scope="module", params=BACKENDS)
+def offline(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    templates: Templates,
+) -> Iterator[tuple[IntakeProcess, Admin, sessionmaker[Session]]]:
+    """One offline intake per backend for the module: its Orthanc never answers and its
+    retries wait an hour, so nothing moves under the rows a test puts in place."""
+    workdir = tmp_path_factory.mktemp(f"offline-{request.param}")
+    url = templates.copy(request.param, workdir)
+    intake = IntakeProcess(
+        workdir / "intake",
+        url,
+        env_extra={
+            "INTAKE_FORWARD_RETRY_BASE_SECONDS": "3600",
+            "INTAKE_FORWARD_RETRY_MAX_SECONDS": "3600",
+        },
+    )
+    intake.start()
+    admin = intake.add_admin()
+    with _database(url) as sessions:
+        yield intake, admin, sessions
+    intake.kill()
+    templates.drop_copy(request.param, url)
+
+
 @pytest.fixture
-def world(make_intake: Callable[..., IntakeProcess], database_url: str) -> Iterator[World]:
-    offline = make_intake(None, forward_retry_base_seconds="3600", forward_retry_max_seconds="3600")
-    offline.add_site("hospital-a")
-    offline.add_site("hospital-b")
-    admin = offline.add_admin()
-    with _database(database_url) as sessions:
-        yield World(offline, admin, sessions)
+def world(offline: tuple[IntakeProcess, Admin, sessionmaker[Session]]) -> World:
+    """Two new sites on the module's offline intake: a test sees only its own rows."""
+    intake, admin, sessions = offline
+    tag = uuid.uuid4().hex[:10]
+    a, b = intake.add_site(f"a-{tag}").name, intake.add_site(f"b-{tag}").name
+    return World(intake, admin, sessions, a, b)
 
 
 def _retry(world: World, row: Upload) -> httpx.Response:
@@ -140,8 +169,8 @@ def test_queue_routes_need_an_admin(world: World) -> None:
         ("GET", "/api/uploads/1/file", None),
         ("POST", "/api/uploads/1/retry", None),
         ("POST", "/api/uploads/1/discard", {"reason": "x"}),
-        ("POST", "/api/studies/retry", {"site": "hospital-a", "study_uid": STUDY}),
-        ("POST", "/api/sites/hospital-a/retry", None),
+        ("POST", "/api/studies/retry", {"site": world.a, "study_uid": STUDY}),
+        ("POST", f"/api/sites/{world.a}/retry", None),
     ]
     with world.intake.admin_client() as anonymous:
         for method, path, body in calls:
@@ -203,12 +232,12 @@ def test_orthanc_refusal_is_quarantined_and_retry_delivers_it(
 
 def test_queue_lists_oldest_first_and_pages_without_gaps(world: World) -> None:
     """Queued rows come oldest first, page by page, each exactly once."""
-    rows = [world.insert("hospital-a", State.QUEUED, due_in=timedelta(hours=1)) for _ in range(5)]
+    rows = [world.insert(world.a, State.QUEUED, due_in=timedelta(hours=1)) for _ in range(5)]
     seen: list[int] = []
     cursor: int | None = None
     with world.client() as client:
         while True:
-            params: dict[str, Any] = {"state": "queued", "limit": 2}
+            params: dict[str, Any] = {"state": "queued", "site": world.a, "limit": 2}
             if cursor is not None:
                 params["cursor"] = cursor
             page = client.get("/api/queue", params=params).json()
@@ -221,17 +250,17 @@ def test_queue_lists_oldest_first_and_pages_without_gaps(world: World) -> None:
 
 def test_quarantine_lists_newest_first_with_filters(world: World) -> None:
     """Quarantined rows come newest first, filtered by site and reason."""
-    old = world.insert("hospital-a", State.QUARANTINED, "gave_up", attempts=20)
-    world.insert("hospital-a", State.QUARANTINED, "orthanc_refused")
-    new = world.insert("hospital-a", State.QUARANTINED, "gave_up")
-    world.insert("hospital-b", State.QUARANTINED, "gave_up")
+    old = world.insert(world.a, State.QUARANTINED, "gave_up", attempts=20)
+    world.insert(world.a, State.QUARANTINED, "orthanc_refused")
+    new = world.insert(world.a, State.QUARANTINED, "gave_up")
+    world.insert(world.b, State.QUARANTINED, "gave_up")
     with world.client() as client:
         page = client.get(
-            "/api/queue", params={"state": "quarantined", "site": "hospital-a", "reason": "gave_up"}
+            "/api/queue", params={"state": "quarantined", "site": world.a, "reason": "gave_up"}
         ).json()
     assert [i["id"] for i in page["items"]] == [new.id, old.id]
     assert page["items"][1]["attempts"] == 20
-    assert page["items"][1]["site"] == "hospital-a"
+    assert page["items"][1]["site"] == world.a
 
 
 def test_queue_of_an_unknown_site_is_404(world: World) -> None:
@@ -246,7 +275,7 @@ def test_queue_of_an_unknown_site_is_404(world: World) -> None:
 
 def test_retry_moves_a_quarantined_file_back_to_the_queue(world: World) -> None:
     """Retry: queued, counters reset, due now, the admin recorded, the file in queue/."""
-    row = world.insert("hospital-a", State.QUARANTINED, "gave_up", attempts=20)
+    row = world.insert(world.a, State.QUARANTINED, "gave_up", attempts=20)
     response = _retry(world, row)
     assert response.status_code == 200
     body = response.json()
@@ -260,7 +289,7 @@ def test_retry_moves_a_quarantined_file_back_to_the_queue(world: World) -> None:
 
 def test_retry_makes_a_queued_row_due_now(world: World) -> None:
     """A queued row in back-off becomes due at once; its file stays in queue/."""
-    row = world.insert("hospital-a", State.QUEUED, "orthanc_unavailable", due_in=timedelta(hours=1))
+    row = world.insert(world.a, State.QUEUED, "orthanc_unavailable", due_in=timedelta(hours=1))
     response = _retry(world, row)
     assert response.status_code == 200
     assert response.json()["state"] == "queued"
@@ -270,7 +299,7 @@ def test_retry_makes_a_queued_row_due_now(world: World) -> None:
 
 
 def test_retry_without_the_spool_file_is_409_nothing_to_retry(world: World) -> None:
-    row = world.insert("hospital-a", State.QUARANTINED, "spool_file_missing", with_file=False)
+    row = world.insert(world.a, State.QUARANTINED, "spool_file_missing", with_file=False)
     response = _retry(world, row)
     assert response.status_code == 409
     assert response.json()["error"] == "nothing_to_retry"
@@ -279,7 +308,7 @@ def test_retry_without_the_spool_file_is_409_nothing_to_retry(world: World) -> N
 
 
 def test_retry_of_a_forwarded_upload_is_409(world: World) -> None:
-    row = world.insert("hospital-a", State.FORWARDED, with_file=False)
+    row = world.insert(world.a, State.FORWARDED, with_file=False)
     response = _retry(world, row)
     assert response.status_code == 409
     assert response.json()["error"] == "wrong_state"
@@ -288,7 +317,7 @@ def test_retry_of_a_forwarded_upload_is_409(world: World) -> None:
 
 def test_retry_of_a_row_being_forwarded_is_409(world: World) -> None:
     row = world.insert(
-        "hospital-a", State.QUEUED, due_in=timedelta(hours=1), leased_for=timedelta(minutes=5)
+        world.a, State.QUEUED, due_in=timedelta(hours=1), leased_for=timedelta(minutes=5)
     )
     response = _retry(world, row)
     assert response.status_code == 409
@@ -303,14 +332,12 @@ def test_retry_of_an_unknown_upload_is_404(world: World) -> None:
 
 def test_retry_a_study_counts_what_it_did(world: World) -> None:
     """A study retry requeues its quarantined rows, makes its queued ones due, skips conflicts."""
-    requeue = [world.insert("hospital-a", State.QUARANTINED, "gave_up") for _ in range(2)]
-    due = world.insert("hospital-a", State.QUEUED, due_in=timedelta(hours=1))
-    conflict = world.insert("hospital-a", State.QUARANTINED, "conflict")
-    elsewhere = world.insert("hospital-a", State.QUARANTINED, "gave_up", study_uid=OTHER_STUDY)
+    requeue = [world.insert(world.a, State.QUARANTINED, "gave_up") for _ in range(2)]
+    due = world.insert(world.a, State.QUEUED, due_in=timedelta(hours=1))
+    conflict = world.insert(world.a, State.QUARANTINED, "conflict")
+    elsewhere = world.insert(world.a, State.QUARANTINED, "gave_up", study_uid=OTHER_STUDY)
     with world.client() as client:
-        response = client.post(
-            "/api/studies/retry", json={"site": "hospital-a", "study_uid": STUDY}
-        )
+        response = client.post("/api/studies/retry", json={"site": world.a, "study_uid": STUDY})
     assert response.status_code == 200
     assert response.json() == {"retried": 3, "requeued": 2, "made_due": 1, "skipped": 1}
     assert all(world.row(r.id).state == State.QUEUED for r in [*requeue, due])
@@ -322,13 +349,13 @@ def test_retry_a_study_counts_what_it_did(world: World) -> None:
 def test_retry_a_site_leaves_other_sites_alone(world: World) -> None:
     """A site retry covers all its studies and no other site's rows."""
     mine = [
-        world.insert("hospital-b", State.QUARANTINED, "orthanc_refused"),
-        world.insert("hospital-b", State.QUARANTINED, "gave_up", study_uid=OTHER_STUDY),
+        world.insert(world.b, State.QUARANTINED, "orthanc_refused"),
+        world.insert(world.b, State.QUARANTINED, "gave_up", study_uid=OTHER_STUDY),
     ]
-    lost = world.insert("hospital-b", State.QUARANTINED, "spool_file_missing", with_file=False)
-    other = world.insert("hospital-a", State.QUARANTINED, "gave_up")
+    lost = world.insert(world.b, State.QUARANTINED, "spool_file_missing", with_file=False)
+    other = world.insert(world.a, State.QUARANTINED, "gave_up")
     with world.client() as client:
-        response = client.post("/api/sites/hospital-b/retry")
+        response = client.post(f"/api/sites/{world.b}/retry")
     assert response.status_code == 200
     assert response.json() == {"retried": 2, "requeued": 2, "made_due": 0, "skipped": 1}
     assert all(world.row(r.id).state == State.QUEUED for r in mine)
@@ -346,7 +373,7 @@ def test_retry_of_an_unknown_site_is_404(world: World) -> None:
 
 
 def test_discard_records_the_admin_and_then_removes_the_file(world: World) -> None:
-    row = world.insert("hospital-a", State.QUARANTINED, "orthanc_refused")
+    row = world.insert(world.a, State.QUARANTINED, "orthanc_refused")
     response = _discard(world, row)
     assert response.status_code == 200
     stored = world.row(row.id)
@@ -359,14 +386,14 @@ def test_discard_records_the_admin_and_then_removes_the_file(world: World) -> No
 
 
 def test_discard_of_a_queued_row_removes_its_queue_file(world: World) -> None:
-    row = world.insert("hospital-a", State.QUEUED, due_in=timedelta(hours=1))
+    row = world.insert(world.a, State.QUEUED, due_in=timedelta(hours=1))
     assert _discard(world, row).status_code == 200
     assert world.row(row.id).state == State.DISCARDED
     assert not world.file("queue", row).exists()
 
 
 def test_discarding_twice_is_409(world: World) -> None:
-    row = world.insert("hospital-a", State.QUARANTINED, "gave_up")
+    row = world.insert(world.a, State.QUARANTINED, "gave_up")
     assert _discard(world, row).status_code == 200
     response = _discard(world, row)
     assert response.status_code == 409
@@ -376,7 +403,7 @@ def test_discarding_twice_is_409(world: World) -> None:
 
 @pytest.mark.parametrize("reason", ["", "   ", None])
 def test_discard_needs_a_reason(world: World, reason: str | None) -> None:
-    row = world.insert("hospital-a", State.QUARANTINED, "gave_up")
+    row = world.insert(world.a, State.QUARANTINED, "gave_up")
     response = _discard(world, row, reason)
     assert response.status_code in (400, 422)
     assert world.row(row.id).state == State.QUARANTINED
@@ -385,7 +412,7 @@ def test_discard_needs_a_reason(world: World, reason: str | None) -> None:
 
 def test_discard_of_a_row_being_forwarded_is_409(world: World) -> None:
     row = world.insert(
-        "hospital-a", State.QUEUED, due_in=timedelta(hours=1), leased_for=timedelta(minutes=5)
+        world.a, State.QUEUED, due_in=timedelta(hours=1), leased_for=timedelta(minutes=5)
     )
     response = _discard(world, row)
     assert response.status_code == 409
