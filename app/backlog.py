@@ -160,7 +160,7 @@ class Backlog:
                 counterpart = session.scalars(
                     select(other)
                     .where(
-                        other.sop_instance_uid == upload.sop_instance_uid,
+                        other.orthanc_instance_id == upload.orthanc_instance_id,
                         other.id != upload.id,
                         other.state.in_([State.FORWARDED, State.QUEUED]),
                         other.sha256 != upload.sha256,

@@ -25,7 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from sqlalchemy import Table, bindparam, or_, select
+from sqlalchemy import Table, bindparam, or_, select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -43,7 +43,7 @@ from app.errors import (
     TooManyRequests,
 )
 from app.metrics import Metrics
-from app.models import State, Upload, utcnow
+from app.models import FOREIGN_STUDY, State, Upload, utcnow
 from app.settings import Settings
 from app.sites import AuthenticatedSite
 from app.spool import QUARANTINE, QUEUE, REFUSED, Received, Spool
@@ -55,19 +55,39 @@ log = logging.getLogger(__name__)
 # building a statement per upload were most of _persist's CPU (docs/PERFORMANCE.md).
 _UPLOADS = cast(Table, Upload.__table__)
 _INSERT = _UPLOADS.insert().returning(_UPLOADS.c.id)
+# Identity is Orthanc's: an instance is its Orthanc ID (PatientID, Study, Series and SOP
+# Instance UIDs), never the SOP Instance UID alone, and a site's answers depend on its own
+# uploads only: another site's rows never make an upload a duplicate or a conflict.
 _PRIOR = (
-    select(_UPLOADS.c.id, _UPLOADS.c.sha256, _UPLOADS.c.state)
+    select(_UPLOADS.c.id, _UPLOADS.c.sha256, _UPLOADS.c.state, _UPLOADS.c.reason)
     .where(
-        _UPLOADS.c.sop_instance_uid == bindparam("sop"),
+        _UPLOADS.c.orthanc_instance_id == bindparam("instance"),
+        _UPLOADS.c.site_id == bindparam("site"),
         _UPLOADS.c.state.in_([State.QUEUED, State.FORWARDED, State.QUARANTINED]),
         # A row whose file was lost holds no copy: a resend is the copy.
         or_(_UPLOADS.c.reason.is_(None), _UPLOADS.c.reason != "spool_file_missing"),
     )
     .order_by(_UPLOADS.c.id)
 )
+# The site whose upload first opened an Orthanc study: its owner (INTAKE_SHARED_STUDIES).
+# Held foreign instances own nothing, so a site that injects first cannot lock one out
+# for good: its instances wait in quarantine like anyone's.
+_OWNER = (
+    select(_UPLOADS.c.site_id)
+    .where(
+        _UPLOADS.c.orthanc_study_id == bindparam("study"),
+        _UPLOADS.c.state.in_([State.QUEUED, State.FORWARDED, State.DUPLICATE, State.QUARANTINED]),
+        or_(_UPLOADS.c.reason.is_(None), _UPLOADS.c.reason != FOREIGN_STUDY),
+    )
+    .order_by(_UPLOADS.c.id)
+    .limit(1)
+)
+# PostgreSQL: uploads into one study take turns deciding (SQLite's writers always do).
+_STUDY_LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended(:study, 0))")
 
 ORTHANC_SUCCESS = "Success"
 ORTHANC_ALREADY_STORED = "AlreadyStored"
+ORTHANC_FILTERED_OUT = "FilteredOut"  # Orthanc's word for "taken, but not stored"
 
 
 def _summary_columns(summary: dicom.Summary) -> dict[str, str | None]:
@@ -90,10 +110,11 @@ class Receipt:
     upload_id: int
     receipt: str
     state: State
-    status: str  # Orthanc's word for it: Success or AlreadyStored
+    status: str  # Orthanc's word for it: Success, AlreadyStored, or FilteredOut (held)
     ids: dicom.OrthancIds
     sop_class_uid: str = ""
     sop_instance_uid: str = ""
+    reason: str | None = None  # a quarantine's (conflict, foreign_study)
 
 
 @dataclass(frozen=True)
@@ -139,6 +160,51 @@ class _Context:
 _TRY_LATER = (TooManyRequests, ServiceUnavailable, SpoolFull)
 
 
+@dataclass(frozen=True)
+class _Placement:
+    """Where one accepted file goes, decided from the site's own rows of its instance."""
+
+    state: State
+    status: str  # what the site is told, in Orthanc's words
+    reason: str | None = None  # a quarantine's
+    duplicate_of: int | None = None
+    other: int | None = None  # the upload whose copy a conflict collides with
+
+
+def _place(prior: Any, sha256: str, owner: int | None, site_id: int) -> _Placement:
+    """The rules of docs/ARCHITECTURE.md ("Identity"), as one decision.
+
+    ``prior`` are this site's rows of the same Orthanc instance; ``owner`` the site that
+    opened the instance's Orthanc study (None: nobody, or shared studies allowed).
+    """
+    same = next((p for p in prior if p.sha256 == sha256), None)
+    if same is not None:
+        # The same bytes again. "Stored" only if that copy is in Orthanc or on its way
+        # (queued, forwarded, or a conflict: Orthanc holds the site's first copy).
+        held = same.state == State.QUARANTINED and same.reason != "conflict"
+        status = ORTHANC_FILTERED_OUT if held else ORTHANC_ALREADY_STORED
+        return _Placement(State.DUPLICATE, status, duplicate_of=same.id)
+    if owner is not None and owner != site_id:
+        return _Placement(State.QUARANTINED, ORTHANC_FILTERED_OUT, FOREIGN_STUDY)
+    other = next((p for p in prior if p.state != State.QUARANTINED), None)
+    if other is not None:  # other bytes under an Orthanc ID the site already sent
+        return _Placement(State.QUARANTINED, ORTHANC_ALREADY_STORED, "conflict", other=other.id)
+    return _Placement(State.QUEUED, ORTHANC_SUCCESS)
+
+
+def _held_detail(placed: _Placement, summary: dicom.Summary, ids: dicom.OrthancIds) -> str:
+    if placed.reason == FOREIGN_STUDY:
+        return (
+            f"study {summary.study_instance_uid} (Orthanc study {ids.study}) was opened by "
+            "another site's upload; held until an admin releases it (INTAKE_SHARED_STUDIES)"
+        )
+    return (
+        f"instance {ids.instance} (SOP Instance UID {summary.sop_instance_uid}) was already "
+        f"received from this site with other bytes (upload #{placed.other}); Orthanc keeps "
+        "the first copy and ignores this one"
+    )
+
+
 class Intake:
     def __init__(
         self,
@@ -156,6 +222,7 @@ class Intake:
         self._validator = validator
         self._on_queued = on_queued
         self._metrics = metrics or Metrics()
+        self._lock_studies = settings.database_url.startswith("postgresql")
 
     async def receive(
         self,
@@ -526,9 +593,8 @@ class Intake:
             "attempts": 0,
             "failed_answers": 0,
         }
-        state = State.QUEUED
+        placed = _Placement(State.QUEUED, ORTHANC_SUCCESS)
         kept: Path | None = None
-        status = ORTHANC_ALREADY_STORED
         name = f"{ctx.receipt}.dcm"
         committing = False  # only an error during COMMIT leaves the outcome in doubt
         try:
@@ -537,16 +603,11 @@ class Intake:
             # and delivery would wait for it. The rare duplicate or conflict moves it on.
             kept = self._spool.keep(received.path, QUEUE, name)
             with self._sessions() as session:
-                prior = session.execute(_PRIOR, {"sop": summary.sop_instance_uid}).all()
-                same = next((p for p in prior if p.sha256 == received.sha256), None)
-                other = next(
-                    (
-                        p
-                        for p in prior
-                        if p.sha256 != received.sha256 and p.state != State.QUARANTINED
-                    ),
-                    None,
-                )
+                if self._lock_studies:
+                    session.execute(_STUDY_LOCK, {"study": ids.study})
+                prior = session.execute(
+                    _PRIOR, {"instance": ids.instance, "site": ctx.site.site_id}
+                ).all()
                 quota = ctx.site.policy.bytes_per_day
                 if quota is not None:  # counted in this transaction: no commit, no count
                     usage.take_bytes(session, ctx.site.site_id, quota, received.byte_size, utcnow())
@@ -554,23 +615,21 @@ class Intake:
                 if ctx.extra_instance and rate is not None:
                     # Admission counted the request's first instance; the others count here.
                     usage.take_instance(session, ctx.site.site_id, rate, utcnow())
-                if same is not None:
-                    state = State.DUPLICATE
-                    row["duplicate_of_id"] = same.id
-                elif other is not None:
-                    state = State.QUARANTINED
-                    row["reason"] = "conflict"
-                    row["detail"] = (
-                        f"SOP Instance UID {summary.sop_instance_uid} was already received "
-                        f"with different bytes (upload #{other.id}); Orthanc would keep the "
-                        "first copy and ignore this one"
-                    )
-                    row["spool_name"] = name
-                    kept = self._spool.keep(kept, QUARANTINE, name)
-                else:
-                    status = ORTHANC_SUCCESS
+                owner = None
+                if not self._settings.shared_studies:
+                    owner = session.execute(_OWNER, {"study": ids.study}).scalar()
+                placed = _place(prior, received.sha256, owner, ctx.site.site_id)
+                state = placed.state
+                row["duplicate_of_id"] = placed.duplicate_of
+                if placed.reason is not None:
+                    row["reason"] = placed.reason
+                    row["detail"] = _held_detail(placed, summary, ids)
+                if state is State.QUEUED:
                     row["next_attempt_at"] = utcnow()
+                if state is not State.DUPLICATE:
                     row["spool_name"] = name
+                if state is State.QUARANTINED:
+                    kept = self._spool.keep(kept, QUARANTINE, name)
                 upload_id = session.execute(_INSERT, {**row, "state": state}).scalar_one()
                 committing = True
                 session.commit()
@@ -588,36 +647,36 @@ class Intake:
             elif committed:
                 # The commit happened; only its acknowledgement was lost.
                 log.warning("receipt=%s: the commit happened after all", ctx.receipt)
-                if state is State.DUPLICATE and kept is not None:
+                if placed.state is State.DUPLICATE and kept is not None:
                     self._spool.discard(kept)
-                return self._receipt(ctx, committed, state, status, ids, summary)
+                return self._receipt(ctx, committed, placed, ids, summary)
             else:  # no committed row, so no acknowledgement: take the file back out
                 self._spool.discard(kept or received.path)
             raise ServiceUnavailable("the intake database is unavailable; try again") from exc
         except BaseException:
             self._spool.discard(kept or received.path)
             raise
-        if state is State.DUPLICATE:
+        if placed.state is State.DUPLICATE:
             self._spool.discard(kept)
-        return self._receipt(ctx, upload_id, state, status, ids, summary)
+        return self._receipt(ctx, upload_id, placed, ids, summary)
 
     @staticmethod
     def _receipt(
         ctx: _Context,
         upload_id: int,
-        state: State,
-        status: str,
+        placed: _Placement,
         ids: dicom.OrthancIds,
         summary: dicom.Summary,
     ) -> Receipt:
         return Receipt(
             upload_id=upload_id,
             receipt=ctx.receipt,
-            state=state,
-            status=status,
+            state=placed.state,
+            status=placed.status,
             ids=ids,
             sop_class_uid=summary.sop_class_uid,
             sop_instance_uid=summary.sop_instance_uid,
+            reason=placed.reason,
         )
 
     def _committed(self, receipt: str) -> int | Literal[False] | None:

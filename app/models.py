@@ -78,6 +78,10 @@ class State(enum.StrEnum):
     DISCARDED = "discarded"  # an admin gave up on it, with a reason; its file is gone
 
 
+# The quarantine reason of an instance held because another site opened its study.
+FOREIGN_STUDY = "foreign_study"
+
+
 class Site(Base):
     """A sender. Deleting one keeps its row (and name) so the intake log stays attributed."""
 

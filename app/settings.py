@@ -287,6 +287,39 @@ class Settings(BaseSettings):
         description="Most header lines in one request; more gets 431.",
         json_schema_extra=_group(Group.UPLOADS),
     )
+    max_connections: int = Field(
+        default=1000,
+        ge=8,
+        description="Open connections a listener holds at most; past it a new connection "
+        "is closed at once, before anything is read. Keep it well under the process's "
+        "file limit (`LimitNOFILE`, `ulimit -n`): the spool, the database and the workers "
+        "need descriptors too, and the service warns at start-up when it is not.",
+        json_schema_extra=_group(Group.LISTENERS),
+    )
+    max_connections_per_client: int = Field(
+        default=32,
+        ge=1,
+        description="Open connections from one client address at most (an Orthanc peer "
+        "uses one, the upload command four, a browser six); past it a new one is closed at "
+        "once. `TRUSTED_PROXIES` addresses are exempt: they carry many clients.",
+        json_schema_extra=_group(Group.LISTENERS),
+    )
+    keep_alive_timeout_seconds: float = Field(
+        default=75.0,
+        gt=0,
+        description="Seconds an idle connection stays open between requests (longer than "
+        "an Orthanc peer's gap between instances); bytes that start no request do not "
+        "extend it.",
+        json_schema_extra=_group(Group.LISTENERS),
+    )
+    send_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds an answer's unsent bytes may stay unread by the client "
+        "before the connection is dropped (a client that sends requests but never reads "
+        "the answers would otherwise hold the connection and its buffers for ever).",
+        json_schema_extra=_group(Group.LISTENERS),
+    )
     body_min_rate_bytes_per_second: int = Field(
         default=500,
         ge=0,
@@ -402,6 +435,14 @@ class Settings(BaseSettings):
         ge=0,
         description="A token's `last_used_at` and `last_used_ip` are written at most once "
         "in this many seconds, sparing the database a write per upload.",
+        json_schema_extra=_group(Group.ACCESS),
+    )
+    shared_studies: bool = Field(
+        default=False,
+        description="Whether a site may add instances to a study that another site sent "
+        "first (the same Orthanc study: PatientID and Study Instance UID). Off, such an "
+        "instance is held in quarantine with reason `foreign_study`, for an admin to "
+        "release or discard: no site can inject data into another site's study.",
         json_schema_extra=_group(Group.ACCESS),
     )
     token_lifetime_days: float = Field(

@@ -20,7 +20,7 @@ from app.errors import (
     TooManyRequests,
     UnsupportedTransferSyntax,
 )
-from app.intake import Batch, Receipt, Refusal
+from app.intake import ORTHANC_FILTERED_OUT, Batch, Receipt, Refusal
 from app.models import State
 from app.parts import Part
 
@@ -34,6 +34,10 @@ OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
 STUDY_UID_MISMATCH = 0xC409  # not in PS3.18's table; the code dcm4chee-arc answers
+NOT_AUTHORIZED = 0x0124  # PS3.7 C.5.1 "Refused: Not Authorized": another site's study
+
+# Held uploads (quarantined, or a resend of a held copy) are failures, with why.
+_HELD = {"conflict": DUPLICATE_SOP_INSTANCE, "foreign_study": NOT_AUTHORIZED}
 
 _REFERENCED_SOP_CLASS = "00081150"
 _REFERENCED_SOP_INSTANCE = "00081155"
@@ -68,23 +72,26 @@ def _failed(sop_class: str, sop_instance: str, reason: int) -> dict[str, Any]:
     }
 
 
+def _held(receipt: Receipt) -> bool:
+    return receipt.state is State.QUARANTINED or receipt.status == ORTHANC_FILTERED_OUT
+
+
 def response(batch: Batch, unkept: list[Part]) -> tuple[int, dict[str, Any]]:
     """The HTTP status and the DICOM JSON body for one STOW-RS request."""
     referenced: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
     for item in batch.items:
         outcome = item.outcome
-        if isinstance(outcome, Receipt) and outcome.state is not State.QUARANTINED:
+        if isinstance(outcome, Receipt) and not _held(outcome):
             referenced.append(
                 {
                     _REFERENCED_SOP_CLASS: _uid(outcome.sop_class_uid),
                     _REFERENCED_SOP_INSTANCE: _uid(outcome.sop_instance_uid),
                 }
             )
-        elif isinstance(outcome, Receipt):
-            failed.append(
-                _failed(outcome.sop_class_uid, outcome.sop_instance_uid, DUPLICATE_SOP_INSTANCE)
-            )
+        elif isinstance(outcome, Receipt):  # held: a conflict, another site's study, …
+            reason = _HELD.get(outcome.reason or "", PROCESSING_FAILURE)
+            failed.append(_failed(outcome.sop_class_uid, outcome.sop_instance_uid, reason))
         else:
             failed.append(_refused(outcome))
     # A part of another media type (e.g. metadata + bulk data) is not read at all.

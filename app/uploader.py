@@ -263,7 +263,7 @@ class _Sender:
     def _count(self, label: str, answer: Any) -> None:
         answer = answer if isinstance(answer, dict) else {}
         state, status = answer.get("IntakeState"), answer.get("Status")
-        if state == "quarantined":
+        if state == "quarantined" or status == "FilteredOut":  # held, not in the archive
             self.report.quarantined += 1
         elif state == "duplicate" or (state is None and status == "AlreadyStored"):
             self.report.duplicates += 1

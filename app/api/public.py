@@ -88,9 +88,19 @@ INSTANCE_SCHEMA: dict[str, Any] = {
         "ParentSeries": _ORTHANC_ID,
         "ParentStudy": _ORTHANC_ID,
         "Path": {"type": "string"},
-        "Status": {"type": "string", "enum": ["Success", "AlreadyStored"]},
+        "Status": {
+            "type": "string",
+            "enum": ["Success", "AlreadyStored", "FilteredOut"],
+            "description": "Success: new, on its way to the archive; AlreadyStored: the "
+            "archive has (or is getting) this site's copy of this Orthanc instance; "
+            "FilteredOut: taken but held, not stored (IntakeReason says why)",
+        },
         "IntakeReceipt": {"type": "string"},
         "IntakeState": {"type": "string", "enum": ["queued", "duplicate", "quarantined"]},
+        "IntakeReason": {
+            "type": "string",
+            "description": "why a quarantined upload is held: conflict, foreign_study",
+        },
         "IntakeEntry": {"type": "string", "description": "ZIP entry or form part file name"},
     },
 }
@@ -228,6 +238,7 @@ def _instance_answer(receipt: Receipt) -> dict[str, Any]:
         # Intake-specific, beside Orthanc's fields.
         "IntakeReceipt": receipt.receipt,
         "IntakeState": receipt.state.value,
+        **({"IntakeReason": receipt.reason} if receipt.reason else {}),
     }
 
 

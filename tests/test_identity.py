@@ -1,0 +1,185 @@
+"""One instance is Orthanc's instance: (PatientID, Study, Series, SOP Instance UID).
+
+Through a real intake on both backends to the real private Orthanc: every answer that says
+"stored" (Success, AlreadyStored) names an instance that reaches the archive; a site's
+answers depend on its own uploads only; an instance joining another site's study is held
+(`foreign_study`) until an admin releases it, unless shared studies are allowed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from pydicom.uid import generate_uid
+
+from tests.dicom_samples import make_instance
+from tests.support.intake import Admin, IntakeProcess, Site, wait_until
+from tests.support.orthanc import OrthancProcess
+
+MakeIntake = Callable[..., IntakeProcess]
+
+
+def _instance(**uids: str) -> bytes:
+    """A small CT instance; unnamed identifying attributes get fresh values."""
+    values = {
+        "PatientID": f"PID-{uuid.uuid4().hex[:8]}",
+        "StudyInstanceUID": generate_uid(),
+        "SeriesInstanceUID": generate_uid(),
+        "SOPInstanceUID": generate_uid(),
+    }
+    return make_instance(**(values | uids))
+
+
+def _in_orthanc(orthanc: OrthancProcess, orthanc_id: str) -> bool:
+    with orthanc.client() as client:
+        return client.get(f"/instances/{orthanc_id}").status_code == 200
+
+
+def _stored(intake: IntakeProcess, site: Site, data: bytes) -> dict[str, Any]:
+    answer = intake.upload(site, data)
+    assert answer.status_code == 200, answer.text
+    body: dict[str, Any] = answer.json()
+    return body
+
+
+def _wait_in_orthanc(orthanc: OrthancProcess, orthanc_id: str) -> None:
+    wait_until(lambda: _in_orthanc(orthanc, orthanc_id), timeout=60)
+
+
+@pytest.fixture
+def second_site(shared_intake: IntakeProcess) -> Site:
+    return shared_intake.add_site(f"other-{uuid.uuid4().hex[:10]}")
+
+
+@pytest.fixture
+def identity_admin(shared_intake: IntakeProcess) -> Admin:
+    return shared_intake.add_admin(f"admin-{uuid.uuid4().hex[:10]}")
+
+
+@pytest.mark.parametrize("differs", ["PatientID", "StudyInstanceUID", "SeriesInstanceUID"])
+def test_one_sop_uid_under_two_identities_is_two_instances(
+    shared_intake: IntakeProcess, fresh_site: Site, private_orthanc: OrthancProcess, differs: str
+) -> None:
+    """Same SOP Instance UID, another patient, study or series: both are stored, as Orthanc."""
+    sop = generate_uid()
+    common = {
+        "PatientID": f"PID-{uuid.uuid4().hex[:8]}",
+        "StudyInstanceUID": generate_uid(),
+        "SeriesInstanceUID": generate_uid(),
+    }
+    first = _stored(shared_intake, fresh_site, _instance(SOPInstanceUID=sop, **common))
+    other = common | {differs: generate_uid() if differs != "PatientID" else "PID-corrected"}
+    if differs == "StudyInstanceUID":  # a new study means a new series too, in practice
+        other["SeriesInstanceUID"] = generate_uid()
+    second = _stored(shared_intake, fresh_site, _instance(SOPInstanceUID=sop, **other))
+    assert first["ID"] != second["ID"]
+    assert (first["Status"], second["Status"]) == ("Success", "Success")
+    assert second["IntakeState"] == "queued"
+    _wait_in_orthanc(private_orthanc, first["ID"])
+    _wait_in_orthanc(private_orthanc, second["ID"])
+
+
+def test_the_same_instance_with_other_bytes_stays_a_visible_conflict(
+    shared_intake: IntakeProcess, fresh_site: Site, private_orthanc: OrthancProcess
+) -> None:
+    """Same Orthanc ID, other bytes: AlreadyStored (Orthanc keeps the first), quarantined."""
+    uids = {
+        "PatientID": "PID-conflict",
+        "StudyInstanceUID": generate_uid(),
+        "SeriesInstanceUID": generate_uid(),
+        "SOPInstanceUID": generate_uid(),
+    }
+    first = _stored(shared_intake, fresh_site, make_instance(**uids))
+    second = _stored(shared_intake, fresh_site, make_instance(InstanceNumber=2, **uids))
+    assert second["ID"] == first["ID"]
+    assert second["Status"] == "AlreadyStored"
+    assert (second["IntakeState"], second["IntakeReason"]) == ("quarantined", "conflict")
+    _wait_in_orthanc(private_orthanc, first["ID"])
+
+
+def test_another_site_cannot_suppress_an_instance_by_sending_its_sop_uid_first(
+    shared_intake: IntakeProcess,
+    fresh_site: Site,
+    second_site: Site,
+    private_orthanc: OrthancProcess,
+) -> None:
+    """B forges A's future SOP Instance UID under another patient: A's instance is stored."""
+    sop = generate_uid()
+    forged = _stored(shared_intake, second_site, _instance(SOPInstanceUID=sop, PatientID="X"))
+    real = _stored(shared_intake, fresh_site, _instance(SOPInstanceUID=sop))
+    assert (forged["Status"], real["Status"]) == ("Success", "Success")
+    assert real["IntakeState"] == "queued"
+    _wait_in_orthanc(private_orthanc, real["ID"])
+
+
+def test_a_site_learns_nothing_of_another_sites_sop_uids(
+    shared_intake: IntakeProcess, fresh_site: Site, second_site: Site
+) -> None:
+    """A SOP UID another site used is answered exactly like an unused one (raw and STOW)."""
+    used = generate_uid()
+    _stored(shared_intake, fresh_site, _instance(SOPInstanceUID=used))
+    probe_used = _stored(shared_intake, second_site, _instance(SOPInstanceUID=used))
+    probe_new = _stored(shared_intake, second_site, _instance())
+    keys = ("Status", "IntakeState")
+    assert [probe_used[k] for k in keys] == [probe_new[k] for k in keys] == ["Success", "queued"]
+    data = _instance(SOPInstanceUID=used)
+    body = b"--b\r\nContent-Type: application/dicom\r\n\r\n" + data + b"\r\n--b--\r\n"
+    with shared_intake.client(second_site) as client:
+        stow = client.post(
+            "/dicom-web/studies",
+            content=body,
+            headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=b'},
+        )
+    assert stow.status_code == 200, stow.text
+    assert "00081198" not in stow.json()  # no FailedSOPSequence, no 0x0111
+
+
+def test_an_instance_joining_another_sites_study_is_held_until_released(
+    shared_intake: IntakeProcess,
+    fresh_site: Site,
+    second_site: Site,
+    identity_admin: Admin,
+    private_orthanc: OrthancProcess,
+) -> None:
+    """B adds to A's study: FilteredOut, quarantined `foreign_study`; an admin releases it."""
+    study = {"PatientID": f"PID-{uuid.uuid4().hex[:8]}", "StudyInstanceUID": generate_uid()}
+    owner = _stored(shared_intake, fresh_site, _instance(**study))
+    injected = _stored(shared_intake, second_site, _instance(**study))
+    assert injected["ParentStudy"] == owner["ParentStudy"]
+    assert injected["Status"] == "FilteredOut"
+    assert (injected["IntakeState"], injected["IntakeReason"]) == ("quarantined", "foreign_study")
+    # A resend of the held file is not "stored" either.
+    again = shared_intake.upload(second_site, _instance(**study))
+    assert again.json()["Status"] == "FilteredOut"
+    # The owner keeps adding to its own study.
+    assert _stored(shared_intake, fresh_site, _instance(**study))["Status"] == "Success"
+    _wait_in_orthanc(private_orthanc, owner["ID"])
+    assert not _in_orthanc(private_orthanc, injected["ID"])
+
+    with shared_intake.admin_client(identity_admin) as admin:
+        held = admin.get("/api/queue", params={"state": "quarantined", "site": second_site.name})
+        assert held.status_code == 200, held.text
+        reasons = {item["reason"] for item in held.json()["items"]}
+        assert reasons == {"foreign_study"}
+        (upload_id,) = [
+            i["id"] for i in held.json()["items"] if i["receipt"] == injected["IntakeReceipt"]
+        ]
+        released = admin.post(f"/api/uploads/{upload_id}/retry")
+        assert released.status_code == 200, released.text
+    _wait_in_orthanc(private_orthanc, injected["ID"])
+
+
+def test_shared_studies_let_every_site_add_to_a_study(
+    make_intake: MakeIntake, private_orthanc: OrthancProcess
+) -> None:
+    """INTAKE_SHARED_STUDIES=true: another site's instance in the study is stored at once."""
+    intake = make_intake(private_orthanc, shared_studies="true")
+    first, second = intake.add_site("first"), intake.add_site("second")
+    study = {"PatientID": f"PID-{uuid.uuid4().hex[:8]}", "StudyInstanceUID": generate_uid()}
+    _stored(intake, first, _instance(**study))
+    joined = _stored(intake, second, _instance(**study))
+    assert (joined["Status"], joined["IntakeState"]) == ("Success", "queued")
+    _wait_in_orthanc(private_orthanc, joined["ID"])
