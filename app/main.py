@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -15,8 +16,10 @@ from fastapi import FastAPI
 from app import __version__, loops, protocol, tls
 from app.api import admin, dicomweb, pages, public
 from app.api.admin.deps import admin_error_body, install_admin_errors
+from app.api.closing import CloseUnreadBodiesMiddleware
 from app.api.errors import install_orthanc_errors, orthanc_error_body
 from app.api.request_ids import RequestIdMiddleware
+from app.policy import parse_networks
 from app.service import Service
 from app.settings import Settings
 
@@ -54,6 +57,7 @@ def create_public_app(settings: Settings, service: Service | None = None) -> Fas
         lifespan=_lifespan(settings, service),
     )
     app.router.redirect_slashes = False
+    app.add_middleware(CloseUnreadBodiesMiddleware)
     app.add_middleware(RequestIdMiddleware)
     app.include_router(public.router)
     app.include_router(dicomweb.router)
@@ -74,6 +78,7 @@ def create_admin_app(settings: Settings, service: Service | None = None) -> Fast
         ),
         lifespan=_lifespan(settings, service),
     )
+    app.add_middleware(CloseUnreadBodiesMiddleware)
     app.add_middleware(RequestIdMiddleware)
     app.include_router(admin.router)
     install_admin_errors(app)
@@ -104,7 +109,7 @@ def _config(
         access_log=False,
         proxy_headers=False,  # X-Forwarded-For is trusted only per configuration
         server_header=False,
-        timeout_keep_alive=75,  # longer than an Orthanc peer's idle gap between instances
+        timeout_keep_alive=settings.keep_alive_timeout_seconds,  # type: ignore[arg-type]
         # Our own context (app/tls.py), kept by reference so a renewed certificate can be
         # loaded into it; the protocol adds the client certificate's fingerprint.
         ssl_context_factory=None if context is None else (lambda _config, _default: context),
@@ -113,6 +118,12 @@ def _config(
                 timeout=settings.header_timeout_seconds,
                 max_bytes=settings.max_header_bytes,
                 max_count=settings.max_header_count,
+            ),
+            protocol.ConnectionLimits(
+                max_total=settings.max_connections,
+                max_per_client=settings.max_connections_per_client,
+                exempt=parse_networks(settings.trusted_proxies),
+                send_timeout=settings.send_timeout_seconds,
             ),
             error_body,
         ),
@@ -127,8 +138,34 @@ def run(settings: Settings) -> None:
         runner.run(serve(settings))
 
 
+def _file_limit(settings: Settings) -> None:
+    """Raise the soft descriptor limit to the hard one, and warn when two full listeners
+    would still not fit beside what the service itself holds (spool, database, workers)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    needed = 2 * settings.max_connections + _DESCRIPTORS_RESERVED
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning(
+            "the file limit is %d descriptors, under the %d that INTAKE_MAX_CONNECTIONS=%d "
+            "on both listeners needs: raise LimitNOFILE, or lower INTAKE_MAX_CONNECTIONS to "
+            "at most %d, or a flood of connections can starve the spool and the database",
+            soft,
+            needed,
+            settings.max_connections,
+            max(8, (soft - _DESCRIPTORS_RESERVED) // 2),
+        )
+
+
+# Descriptors the service holds apart from connections: database, spool, workers, logs.
+_DESCRIPTORS_RESERVED = 256
+
+
 async def serve(settings: Settings) -> None:
     """Run the public and admin listeners and the forwarder until SIGINT/SIGTERM."""
+    _file_limit(settings)
     context = tls.make_context(settings) if settings.tls_enabled else None
     service = Service(settings)
     await service.start()
