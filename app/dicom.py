@@ -93,6 +93,7 @@ _EXECUTABLE_MAGICS = (
     (b"\xca\xfe\xba\xbe", "Mach-O"),
     (b"#!", "shebang"),
     (b"PK\x03\x04", "ZIP"),
+    (b"PK\x05\x06", "ZIP"),  # an empty archive's end record: a ZIP reader takes the file
 )
 
 

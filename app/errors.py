@@ -46,6 +46,7 @@ listener puts in its Orthanc-shaped JSON. Nothing here imports FastAPI.
     │   ├── MalformedDicom            lengths past the end, bad item structure
     │   ├── MissingTag                a required attribute is absent or empty
     │   ├── InvalidUid                a UID breaks PS3.5 §9.1
+    │   ├── IdentifierTooLong         PatientID or a UID over Orthanc's 256 bytes
     │   ├── MetaMismatch              File Meta disagrees with the dataset
     │   ├── UnsupportedTransferSyntax unknown or private transfer syntax
     │   ├── NestingTooDeep            sequences nested deeper than the cap
@@ -323,6 +324,16 @@ class MissingTag(BadUpload):
 
 class InvalidUid(BadUpload):
     reason = "invalid_uid"
+
+
+class IdentifierTooLong(BadUpload):
+    """Orthanc 1.10.1 refuses an instance whose PatientID, Study, Series or SOP Instance
+    UID is over 256 bytes in UTF-8 (measured: 400 "Bad type for a parameter")."""
+
+    orthanc_error = "Bad type for a parameter"
+    orthanc_status = 4
+    message = "Bad type for a parameter"
+    reason = "identifier_too_long"
 
 
 class MetaMismatch(BadUpload):

@@ -30,6 +30,7 @@ from app.dicom import Limits, Summary
 from app.dicom_scan import LONG_VRS, SHORT_VRS, FileSource, InflateSource, Source, scan, tag_str
 from app.errors import (
     DicomdirNotAnInstance,
+    IdentifierTooLong,
     IntakeError,
     InvalidUid,
     MalformedDicom,
@@ -139,6 +140,9 @@ def _read(f: BinaryIO, size: int, limits: Limits) -> Summary:
             raise MissingTag(f"{_NAMES[tag]} {tag_str(tag)} is missing or empty")
         _check_uid(_NAMES[tag], uid)
         uids[tag] = uid
+    patient_id = values.get(_PATIENT_ID, "")
+    for name, value in (("PatientID", patient_id), *((_NAMES[t], uids[t]) for t in _IDENTIFYING)):
+        _check_identifier(name, value)
     for meta_tag, tag in ((_META_INSTANCE, _SOP_INSTANCE), (_META_CLASS, _SOP_CLASS)):
         if meta[meta_tag] != uids[tag]:
             raise MetaMismatch(
@@ -150,7 +154,7 @@ def _read(f: BinaryIO, size: int, limits: Limits) -> Summary:
         sop_instance_uid=uids[_SOP_INSTANCE],
         series_instance_uid=uids[_SERIES],
         study_instance_uid=uids[_STUDY],
-        patient_id=values.get(_PATIENT_ID, ""),
+        patient_id=patient_id,
         transfer_syntax_uid=ts,
         modality=values.get(_MODALITY) or None,
         element_count=found.element_count,
@@ -233,6 +237,21 @@ def _text(tag: int, value: object) -> str:
     if isinstance(value, str):
         return value.rstrip(" ")
     raise MalformedDicom(f"{tag_str(tag)} does not hold text (found {type(value).__name__})")
+
+
+# What Orthanc indexes an instance by, each at most 256 bytes in UTF-8 (Orthanc 1.10.1,
+# measured against the real one: tests/test_orthanc_limits.py).
+_IDENTIFYING = (_STUDY, _SERIES, _SOP_INSTANCE)
+MAX_IDENTIFIER_BYTES = 256
+
+
+def _check_identifier(name: str, value: str) -> None:
+    size = len(value.encode("utf-8", "surrogateescape"))
+    if size > MAX_IDENTIFIER_BYTES:
+        raise IdentifierTooLong(
+            f"{name} is {size} bytes in UTF-8; the private Orthanc refuses more than "
+            f"{MAX_IDENTIFIER_BYTES}"
+        )
 
 
 def _check_uid(name: str, uid: str) -> None:

@@ -111,10 +111,14 @@ class _Sink:
     def _flush_head(self) -> None:
         self._headed = True
         head = self._head
-        self.archive = self._max_archive is not None and is_archive(bytes(head))
+        # ZIP magic followed by "DICM" at 128 is a Part 10 file whose preamble holds ZIP
+        # bytes (a polyglot, refused below), never an archive: an instance once answered
+        # `[]` as an empty archive, stored nowhere.
+        part10 = len(head) >= _HEAD and head[PREAMBLE:_HEAD] == b"DICM"
+        self.archive = self._max_archive is not None and is_archive(bytes(head)) and not part10
         self._check_size()
         # Only a Part 10 file has a preamble; anything else is left for validation to refuse.
-        if not self.archive and len(head) >= _HEAD and head[PREAMBLE:_HEAD] == b"DICM":
+        if part10:
             # CVE-2019-11687: an executable preamble makes the file a polyglot.
             self.executable_preamble = classify_preamble(bytes(head[:PREAMBLE]))
             if self.executable_preamble is None:

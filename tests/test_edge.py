@@ -236,3 +236,47 @@ def test_every_log_line_starts_as_a_record(shared_intake: IntakeProcess) -> None
     for line in shared_intake.log_text().splitlines():
         if line.strip():
             assert _LOG_LINE_START.match(line) or line.startswith((" ", "\t")), line
+
+
+# --- 7. never "stored" for what the archive will refuse -----------------------------------
+
+
+@pytest.mark.parametrize("magic", [b"PK\x05\x06", b"PK\x03\x04"])
+def test_a_zip_magic_preamble_is_an_instance_refused_not_an_empty_archive(
+    shared_intake: IntakeProcess, fresh_site: Site, magic: bytes
+) -> None:
+    """A Part 10 file whose preamble opens with ZIP magic is a polyglot: refused (400),
+    never answered `[]` as an empty archive."""
+    data = make_instance(
+        SOPInstanceUID=generate_uid(),
+        StudyInstanceUID=generate_uid(),
+        SeriesInstanceUID=generate_uid(),
+    )
+    polyglot = magic + bytes(124) + data[128:]
+    answer = shared_intake.upload(fresh_site, polyglot)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["HttpStatus"] == 400
+
+
+@pytest.mark.parametrize(
+    ("patient_id", "status"),
+    [("P" * 256, 200), ("P" * 257, 400), ("\u00e9" * 129, 400)],
+    ids=["256-bytes", "257-bytes", "258-bytes-utf8"],
+)
+def test_identifiers_over_orthancs_limit_are_refused_at_intake(
+    shared_intake: IntakeProcess, fresh_site: Site, patient_id: str, status: int
+) -> None:
+    """A PatientID the private Orthanc would refuse (over 256 UTF-8 bytes) is a 400 now,
+    with Orthanc's message, not a 200 that ends as `orthanc_refused`."""
+    data = make_instance(
+        SpecificCharacterSet="ISO_IR 192",
+        PatientID=patient_id,
+        SOPInstanceUID=generate_uid(),
+        StudyInstanceUID=generate_uid(),
+        SeriesInstanceUID=generate_uid(),
+    )
+    answer = shared_intake.upload(fresh_site, data)
+    assert answer.status_code == status, answer.text
+    if status == 400:
+        assert answer.json()["Message"] == "Bad type for a parameter"
+        assert "PatientID" in answer.json()["Details"]

@@ -125,15 +125,15 @@ def test_branches_or_computed_revisions_give_no_head(
     assert migrations.head_revision() is None  # not a literal
 
 
-def test_a_database_is_current_only_at_the_head(database_url: str) -> None:
+def test_a_database_is_current_only_at_the_head(empty_database_url: str) -> None:
     """Empty, one revision behind: not current; migrated: current."""
-    assert not migrations.is_current(database_url)
-    migrations.upgrade(database_url)
-    assert migrations.is_current(database_url)
-    command.downgrade(migrations.alembic_config(database_url), "-1")
-    assert not migrations.is_current(database_url)
-    migrations.upgrade(database_url)
-    assert migrations.is_current(database_url)
+    assert not migrations.is_current(empty_database_url)
+    migrations.upgrade(empty_database_url)
+    assert migrations.is_current(empty_database_url)
+    command.downgrade(migrations.alembic_config(empty_database_url), "-1")
+    assert not migrations.is_current(empty_database_url)
+    migrations.upgrade(empty_database_url)
+    assert migrations.is_current(empty_database_url)
 
 
 def test_a_database_with_an_unknown_revision_is_not_current(database_url: str) -> None:

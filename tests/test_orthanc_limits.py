@@ -88,3 +88,33 @@ def test_orthanc_comes_back_with_its_data_after_the_crash(orthanc: OrthancProces
     assert upload_nested(orthanc, FIRST_FATAL_DEPTH).exit_code == -signal.SIGSEGV
     orthanc.restart()
     assert stored in orthanc.instances()
+
+
+def _with_patient_id(patient_id: str, charset: str = "ISO_IR 192") -> bytes:
+    from pydicom.uid import generate_uid
+
+    from tests.dicom_samples import make_instance
+
+    return make_instance(
+        SpecificCharacterSet=charset,
+        PatientID=patient_id,
+        SOPInstanceUID=generate_uid(),
+        StudyInstanceUID=generate_uid(),
+        SeriesInstanceUID=generate_uid(),
+    )
+
+
+@pytest.mark.parametrize(
+    ("patient_id", "stored"),
+    [("P" * 256, True), ("P" * 257, False), ("\u00e9" * 128, True), ("\u00e9" * 129, False)],
+    ids=["256-ascii", "257-ascii", "256-bytes-utf8", "258-bytes-utf8"],
+)
+def test_orthanc_takes_identifiers_up_to_256_utf8_bytes(
+    orthanc: OrthancProcess, patient_id: str, stored: bool
+) -> None:
+    """The limit the intake checks (part10.MAX_IDENTIFIER_BYTES): bytes in UTF-8, not
+    characters; past it Orthanc answers 400 "Bad type for a parameter"."""
+    response = orthanc.upload(_with_patient_id(patient_id))
+    assert (response.status_code == 200) is stored, response.text
+    if not stored:
+        assert response.json()["Message"] == "Bad type for a parameter"
