@@ -128,7 +128,7 @@ def own_orthanc(tmp_path: Path) -> Iterator[OrthancProcess]:
     try:
         yield orthanc
     finally:
-        orthanc.stop()
+        orthanc.kill()  # its storage is thrown away: no clean shutdown to wait for
 
 
 @pytest.fixture
@@ -198,6 +198,12 @@ def shared_intake(
 def fresh_site(shared_intake: IntakeProcess) -> Site:
     """A site of its own on the shared intake."""
     return shared_intake.add_site(f"site-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def fresh_admin(shared_intake: IntakeProcess) -> Admin:
+    """An admin of its own on the shared intake."""
+    return shared_intake.add_admin(f"admin-{uuid.uuid4().hex[:12]}")
 
 
 @pytest.fixture(scope="module")

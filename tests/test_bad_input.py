@@ -16,6 +16,7 @@ import pydicom
 import pytest
 from sqlalchemy import create_engine, select
 
+from app.models import Site as SiteRow
 from app.models import State, Upload
 from tests.support.intake import IntakeProcess, Site, wait_until
 from tests.support.orthanc import OrthancProcess
@@ -48,11 +49,29 @@ def _assert_orthanc_error(response: httpx.Response, status: int, *, details: str
     return body
 
 
-def _rows(intake: IntakeProcess) -> list[Upload]:
+@pytest.fixture
+def intake(shared_intake: IntakeProcess) -> IntakeProcess:
+    """Parser-level cases share the module's intake per backend (each with its own site)."""
+    return shared_intake
+
+
+@pytest.fixture
+def site(fresh_site: Site) -> Site:
+    return fresh_site
+
+
+def _rows(intake: IntakeProcess, site: Site) -> list[Upload]:
+    """The site's upload rows, oldest first."""
     engine = create_engine(intake.database_url)
     try:
         with engine.connect() as conn:
-            return list(conn.execute(select(Upload).order_by(Upload.id)).all())  # type: ignore[arg-type]
+            query = (
+                select(Upload)
+                .join(SiteRow, SiteRow.id == Upload.site_id)
+                .where(SiteRow.name == site.name)
+                .order_by(Upload.id)
+            )
+            return list(conn.execute(query).all())  # type: ignore[arg-type]
     finally:
         engine.dispose()
 
@@ -102,10 +121,9 @@ def test_meta_dataset_mismatch_is_refused(intake: IntakeProcess, site: Site) -> 
 def test_executable_preamble_is_refused_and_kept_aside(intake: IntakeProcess, site: Site) -> None:
     data = b"MZ\x90\x00".ljust(128, b"\0") + VALID[128:]
     _assert_orthanc_error(intake.upload(site, data), 400, details="executable")
-    kept = list((intake.spool / "refused").iterdir())
+    kept = [f for f in (intake.spool / "refused").iterdir() if f.read_bytes() == data]
     assert len(kept) == 1
-    assert kept[0].read_bytes() == data
-    assert [r.reason for r in _rows(intake)] == ["executable_preamble"]
+    assert [r.reason for r in _rows(intake, site)] == ["executable_preamble"]
 
 
 def test_unsupported_content_encoding_is_415(intake: IntakeProcess, site: Site) -> None:
@@ -177,7 +195,7 @@ def test_refusals_are_recorded(intake: IntakeProcess, site: Site) -> None:
     """Every refused upload leaves a `rejected` row with its reason."""
     intake.upload(site, b"garbage" * 100)
     intake.upload(site, _rewrite(VALID, SOPInstanceUID=None))
-    rows = _rows(intake)
+    rows = _rows(intake, site)
     assert [(r.state, r.reason) for r in rows] == [
         (State.REJECTED, "not_dicom"),
         (State.REJECTED, "missing_tag"),
