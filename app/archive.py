@@ -110,6 +110,14 @@ class Archive:
                 f"the archive inflates to {total} bytes; the limit is "
                 f"{self._limits.max_inflated_bytes}"
             )
+        # The whole archive's ratio too: entries under the per-entry floor (1 MiB) are
+        # never checked alone, and 10,000 of them would inflate ~10 GiB from ~10 MB.
+        archive_bytes = max(os.fstat(self._file.fileno()).st_size, 1)
+        if total > _RATIO_FLOOR and total / archive_bytes > self._limits.max_ratio:
+            raise ArchiveTooLarge(
+                f"the archive inflates {total / archive_bytes:.0f} times its size; the limit "
+                f"is {self._limits.max_ratio:g}"
+            )
         for info in infos:
             ratio = info.file_size / max(info.compress_size, 1)
             if info.file_size > _RATIO_FLOOR and ratio > self._limits.max_ratio:
@@ -117,7 +125,7 @@ class Archive:
                     f"entry {printable(info.filename)!r} inflates {ratio:.0f} times its "
                     f"compressed size; the limit is {self._limits.max_ratio:g}"
                 )
-        _check_overlaps(self._zip.infolist(), self._zip.start_dir)
+        _check_overlaps(self._file, self._zip.infolist(), self._zip.start_dir)
         return [
             Entry(index, printable(info.filename), info.file_size, info)
             for index, info in enumerate(infos)
@@ -207,16 +215,31 @@ def _check_directory(file: BinaryIO, size: int, max_entries: int) -> None:
     file.seek(0)
 
 
-def _check_overlaps(infos: list[zipfile.ZipInfo], directory_start: int) -> None:
-    """Each entry's data must end before the next entry (or the directory) begins."""
-    ordered = sorted(infos, key=lambda i: i.header_offset)
-    followers: list[zipfile.ZipInfo | None] = [*ordered[1:], None]
-    for info, after in zip(ordered, followers[: len(ordered)], strict=True):
-        end = info.header_offset + _LOCAL_HEADER + info.compress_size
-        limit = after.header_offset if after is not None else directory_start
+def _check_overlaps(file: BinaryIO, infos: list[zipfile.ZipInfo], directory_start: int) -> None:
+    """Each entry's local header and data lie apart from every other entry's and before
+    the directory. Data begins after the local header's own name and extra field (APPNOTE
+    4.3.7), whose lengths may differ from the central directory's: an extra field can
+    quote the next entries' headers and point them all at one stream."""
+    ranges = sorted(
+        ((info.header_offset, _data_end(file, info), info) for info in infos),
+        key=lambda r: (r[0], r[1]),
+    )
+    followers = [*ranges[1:], None][: len(ranges)]
+    for (_, end, info), after in zip(ranges, followers, strict=True):
+        limit = after[0] if after is not None else directory_start
         if end > limit:
             raise MalformedArchive(
                 f"entry {printable(info.filename)!r} overlaps "
-                + (f"entry {printable(after.filename)!r}" if after else "the central directory")
+                + (f"entry {printable(after[2].filename)!r}" if after else "the central directory")
                 + "; overlapping entries are refused"
             )
+
+
+def _data_end(file: BinaryIO, info: zipfile.ZipInfo) -> int:
+    """Where an entry's compressed data ends, from its own local header."""
+    file.seek(info.header_offset)
+    header = file.read(_LOCAL_HEADER)
+    if len(header) < _LOCAL_HEADER or header[:4] != b"PK\x03\x04":
+        raise MalformedArchive(f"entry {printable(info.filename)!r} has no local file header")
+    name_length, extra_length = struct.unpack_from("<HH", header, 26)
+    return int(info.header_offset + _LOCAL_HEADER + name_length + extra_length + info.compress_size)

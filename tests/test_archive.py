@@ -16,6 +16,7 @@ from tests.support.archives import (
     encrypted_zip,
     make_zip,
     overlapping_zip,
+    quoted_overlap_zip,
 )
 from tests.support.studies import make_study
 
@@ -119,6 +120,23 @@ def test_overlapping_entries_are_refused(tmp_path: Path) -> None:
     data = overlapping_zip(make_study(1, 1)[0])
     with pytest.raises(MalformedArchive, match="overlap"):
         _open(tmp_path, data)
+
+
+def test_entries_sharing_a_stream_behind_their_local_headers_are_refused(tmp_path: Path) -> None:
+    """The overlap is found from the local headers' own name and extra-field lengths."""
+    data = quoted_overlap_zip(make_study(1, 1)[0])
+    with pytest.raises(MalformedArchive, match="overlap"):
+        _open(tmp_path, data)
+
+
+def test_many_small_entries_are_capped_by_the_whole_archive_ratio(tmp_path: Path) -> None:
+    """32 entries of 1 MiB of zeros (each under the per-entry floor): 413 as a whole."""
+    data = make_zip([(f"{i}.dcm", bytes(MiB)) for i in range(32)])
+    limits = archive.Limits(
+        max_entries=100, max_inflated_bytes=64 * MiB, max_ratio=250, max_entry_bytes=32 * MiB
+    )
+    with pytest.raises(ArchiveTooLarge, match="times its size"):
+        _open(tmp_path, data, limits)
 
 
 def test_encrypted_entries_are_refused(tmp_path: Path, spool: Spool) -> None:

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import create_engine, select
 
 from app.models import Upload
-from tests.support.archives import empty_zip, make_zip, overlapping_zip
+from tests.support.archives import empty_zip, make_zip, overlapping_zip, quoted_overlap_zip
 from tests.support.intake import IntakeProcess, Site, peak_rss, wait_until
 from tests.support.orthanc import OrthancProcess
 from tests.support.studies import make_study
@@ -142,8 +142,10 @@ def test_resending_an_archive_answers_already_stored(
         (lambda: make_zip([("bomb.dcm", bytes(32 * 1024 * 1024))]), 413, "inflates"),
         (lambda: overlapping_zip(make_study(1, 1)[0]), 400, "overlap"),
         (lambda: b"PK\x03\x04" + bytes(4000), 400, "end-of-central-directory"),
+        (lambda: make_zip([(f"{i}.dcm", bytes(1024 * 1024)) for i in range(32)]), 413, "times"),
+        (lambda: quoted_overlap_zip(make_study(1, 1)[0]), 400, "overlap"),
     ],
-    ids=["ratio-bomb", "overlapping-entries", "truncated"],
+    ids=["ratio-bomb", "overlapping-entries", "truncated", "small-entries-bomb", "quoted-overlap"],
 )
 def test_hostile_archives_are_refused_whole_and_nothing_is_kept(
     module_intake: IntakeProcess,

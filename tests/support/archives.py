@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import struct
 import zipfile
+import zlib
 
 _CENTRAL = b"PK\x01\x02"
 _END = b"PK\x05\x06"
@@ -38,6 +39,67 @@ def overlapping_zip(payload: bytes) -> bytes:
     (offset,) = struct.unpack_from("<L", data, first + 42)
     struct.pack_into("<L", data, second + 42, offset)
     return bytes(data)
+
+
+def quoted_overlap_zip(payload: bytes, copies: int = 3) -> bytes:
+    """Entries that share one stored stream, hidden by their local headers: each entry's
+    name is longer than the stream, so the headers stand further apart than a check of
+    ``30 + compressed size`` sees, and each header's extra field quotes the later headers,
+    so all of them start their data at the one stream after the last header."""
+    crc = zlib.crc32(payload)
+    names = [f"{i}-".encode() + b"n" * (len(payload) + 100) for i in range(copies)]
+    offsets, at = [], 0
+    for name in names:
+        offsets.append(at)
+        at += 30 + len(name)
+    body = bytearray()
+    for offset, name in zip(offsets, names, strict=True):
+        extra = at - (offset + 30 + len(name))  # the later headers, up to the stream
+        body += (
+            struct.pack(
+                "<4s5H3L2H",
+                b"PK\x03\x04",
+                20,
+                0,
+                0,
+                0,
+                0,
+                crc,
+                len(payload),
+                len(payload),
+                len(name),
+                extra,
+            )
+            + name
+        )
+    body += payload
+    directory = bytearray()
+    for offset, name in zip(offsets, names, strict=True):
+        directory += (
+            struct.pack(
+                "<4s6H3L5H2L",
+                b"PK\x01\x02",
+                20,
+                20,
+                0,
+                0,
+                0,
+                0,
+                crc,
+                len(payload),
+                len(payload),
+                len(name),
+                0,
+                0,
+                0,
+                0,
+                0,
+                offset,
+            )
+            + name
+        )
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, copies, copies, len(directory), len(body), 0)
+    return bytes(body + directory + end)
 
 
 def encrypted_zip(payload: bytes) -> bytes:
