@@ -14,9 +14,11 @@ listener puts in its Orthanc-shaped JSON. Nothing here imports FastAPI.
     │   ├── ContentNotAllowed         modality / SOP Class outside the site's allow-list
     │   ├── ClientCertificateRequired the site is bound to a client certificate; none was sent
     │   ├── ClientCertificateMismatch a client certificate other than the site's was sent
-    │   └── AdminForbidden            client address outside the admin allow-list
+    │   ├── AdminForbidden            client address outside the admin allow-list
+    │   └── CrossSiteRequest          admin: a state change a foreign page made a browser send
     ├── BadRequest .................. 400  (admin: an operation that cannot be done as asked)
-    │   └── InvalidCursor             a pagination cursor the API did not hand out
+    │   ├── InvalidCursor             a pagination cursor the API did not hand out
+    │   └── HostNotAllowed            a Host outside the listener's allow-list (DNS rebinding)
     ├── NotFound .................... 404  (no such route, or no such record)
     │   └── DeliveryNotFound          no such webhook delivery
     ├── MethodNotAllowed ............ 405
@@ -102,7 +104,9 @@ class Unauthenticated(IntakeError):
 class AdminUnauthenticated(Unauthenticated):
     @property
     def headers(self) -> Mapping[str, str]:
-        return {"WWW-Authenticate": 'Basic realm="Orthanc Intake admin"'}
+        # Not Basic: a browser shown a Basic challenge remembers what was typed and sends
+        # it with every later request to this origin, a foreign page's included.
+        return {"WWW-Authenticate": 'Bearer realm="Orthanc Intake admin"'}
 
 
 class Forbidden(IntakeError):
@@ -133,6 +137,10 @@ class AdminForbidden(Forbidden):
     reason = "admin_address_not_allowed"
 
 
+class CrossSiteRequest(Forbidden):
+    reason = "cross_site_request"
+
+
 class BadRequest(IntakeError):
     """A request the admin API cannot carry out as asked (the detail says why)."""
 
@@ -147,6 +155,10 @@ class InvalidCursor(BadRequest):
     """A pagination cursor this API did not hand out (or one that was altered)."""
 
     reason = "invalid_cursor"
+
+
+class HostNotAllowed(BadRequest):
+    reason = "host_not_allowed"
 
 
 class NotFound(IntakeError):

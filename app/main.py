@@ -18,6 +18,7 @@ from app.api import admin, dicomweb, pages, public
 from app.api.admin.deps import admin_error_body, install_admin_errors
 from app.api.closing import CloseUnreadBodiesMiddleware
 from app.api.errors import install_orthanc_errors, orthanc_error_body
+from app.api.guards import CrossSiteGuardMiddleware, HostGuardMiddleware
 from app.api.request_ids import RequestIdMiddleware
 from app.policy import parse_networks
 from app.service import Service
@@ -58,6 +59,9 @@ def create_public_app(settings: Settings, service: Service | None = None) -> Fas
     )
     app.router.redirect_slashes = False
     app.add_middleware(CloseUnreadBodiesMiddleware)
+    app.add_middleware(
+        HostGuardMiddleware, allowed=settings.public_allowed_hosts, error_body=orthanc_error_body
+    )
     app.add_middleware(RequestIdMiddleware)
     app.include_router(public.router)
     app.include_router(dicomweb.router)
@@ -79,6 +83,10 @@ def create_admin_app(settings: Settings, service: Service | None = None) -> Fast
         lifespan=_lifespan(settings, service),
     )
     app.add_middleware(CloseUnreadBodiesMiddleware)
+    app.add_middleware(CrossSiteGuardMiddleware, error_body=admin_error_body)
+    app.add_middleware(
+        HostGuardMiddleware, allowed=settings.admin_allowed_hosts, error_body=admin_error_body
+    )
     app.add_middleware(RequestIdMiddleware)
     app.include_router(admin.router)
     install_admin_errors(app)

@@ -466,6 +466,23 @@ class Settings(BaseSettings):
         json_schema_extra=_group(Group.ACCESS),
     )
 
+    public_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated names the public listener answers to in `Host` "
+        "(e.g. `intake.example.org`; `*.example.org` for any subdomain); others get 400. "
+        "Empty answers any name; set it in production, so a rebound DNS name cannot "
+        "reach the listener.",
+        json_schema_extra=_group(Group.LISTENERS),
+    )
+    admin_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["127.0.0.1", "localhost", "::1"],
+        description="Comma-separated names the admin listener answers to in `Host`; others "
+        "get 400, so a page whose DNS name is rebound to 127.0.0.1 cannot reach `/metrics` "
+        "or the API. Add the name the PHP app uses if it is not one of the default "
+        "loopback names; `*` answers any.",
+        json_schema_extra=_group(Group.ADMIN),
+    )
+
     # Admin listener (app/admins.py).
     admin_allowed_cidrs: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -568,7 +585,14 @@ class Settings(BaseSettings):
         secret_files = SecretFiles(settings_cls, environments)
         return init_settings, env_settings, dotenv_settings, secret_files, file_secret_settings
 
-    @field_validator("trusted_proxies", "admin_allowed_cidrs", "webhook_urls", mode="before")
+    @field_validator(
+        "trusted_proxies",
+        "admin_allowed_cidrs",
+        "webhook_urls",
+        "public_allowed_hosts",
+        "admin_allowed_hosts",
+        mode="before",
+    )
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):

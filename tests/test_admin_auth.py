@@ -32,7 +32,8 @@ def test_admin_routes_need_credentials(intake: IntakeProcess, admin: Admin) -> N
     with intake.admin_client() as anonymous:
         response = anonymous.get("/api/sites")
     assert response.status_code == 401
-    assert response.headers["www-authenticate"].startswith("Basic realm=")
+    # Bearer, not Basic: a browser never prompts, so it never keeps an admin's password.
+    assert response.headers["www-authenticate"].startswith("Bearer realm=")
     assert set(response.json()) == {"error", "detail"}
 
 

@@ -14,7 +14,9 @@ import os
 import re
 import socket
 import uuid
+from collections.abc import Callable
 
+import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -280,3 +282,71 @@ def test_identifiers_over_orthancs_limit_are_refused_at_intake(
     if status == 400:
         assert answer.json()["Message"] == "Bad type for a parameter"
         assert "PatientID" in answer.json()["Details"]
+
+
+# --- 8. the admin API and cross-site requests, Host allow-lists ---------------------------
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Origin": "https://evil.example"},
+        {"Origin": "null"},
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "same-site"},
+        {"Content-Type": "application/x-www-form-urlencoded"},
+        {"Content-Type": "text/plain"},
+        {"Content-Type": "multipart/form-data; boundary=x"},
+    ],
+    ids=["origin", "null-origin", "cross-site", "same-site", "form", "text", "multipart"],
+)
+def test_a_cross_site_state_change_on_the_admin_api_is_403(
+    shared_intake: IntakeProcess, fresh_site: Site, edge_admin: Admin, headers: dict[str, str]
+) -> None:
+    """What a foreign page can make a browser send (with credentials it remembers) changes
+    nothing; the same request from a server-side client (no such headers) does."""
+    path = f"/api/sites/{fresh_site.name}/disable"
+    with shared_intake.admin_client(edge_admin, basic=True) as client:
+        refused = client.post(path, headers=headers, content=b"")
+        assert refused.status_code == 403, refused.text
+        assert refused.json()["error"] == "cross_site_request"
+        assert client.get(f"/api/sites/{fresh_site.name}").json()["status"] == "active"
+        assert client.post(path).json()["status"] == "disabled"
+
+
+def test_the_admin_listener_never_invites_browsers_to_remember_a_password(
+    shared_intake: IntakeProcess,
+) -> None:
+    with shared_intake.admin_client() as anonymous:
+        answer = anonymous.get("/api/sites")
+    assert answer.status_code == 401
+    assert not answer.headers["www-authenticate"].lower().startswith("basic")
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:80", "127.0.0.1.evil.example"])
+def test_the_admin_listener_answers_only_its_own_names(
+    shared_intake: IntakeProcess, host: str
+) -> None:
+    """DNS rebinding: a page whose name points at 127.0.0.1 cannot read /metrics."""
+    refused = httpx.get(f"{shared_intake.admin_url}/metrics", headers={"Host": host})
+    assert refused.status_code == 400
+    assert refused.json()["error"] == "host_not_allowed"
+    assert httpx.get(f"{shared_intake.admin_url}/metrics").status_code == 200
+
+
+def test_public_allowed_hosts_refuse_other_names_in_orthancs_shape(
+    make_intake: Callable[..., IntakeProcess],
+) -> None:
+    intake = make_intake(None, public_allowed_hosts="intake.example.org,*.trial.example")
+    for host, status in [
+        ("intake.example.org", 401),
+        ("intake.example.org:443", 401),
+        ("site-7.trial.example", 401),
+        ("evil.example", 400),
+        ("127.0.0.1", 400),
+    ]:
+        answer = httpx.get(f"{intake.url}/system", headers={"Host": host})
+        assert answer.status_code == status, (host, answer.text)
+        if status == 400:
+            assert answer.json()["HttpStatus"] == 400
+            assert "not served as" in answer.json()["Details"]
