@@ -25,14 +25,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import Select, Table, bindparam, or_, select, update
+from sqlalchemy import Select, Table, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import logs
 from app.errors import ForwardError, OrthancRefused
 from app.metrics import Metrics
 from app.models import State, Upload, utcnow
-from app.orthanc import OrthancClient
+from app.orthanc import OrthancClient, StoredInstance
 from app.settings import Settings
 from app.spool import QUARANTINE, QUEUE, Spool
 
@@ -69,7 +69,11 @@ _MARK_FORWARDED = (
     )
     .values(
         state=State.FORWARDED,
+        # Orthanc's own IDs, whatever the intake computed (a value Orthanc reads otherwise).
         orthanc_instance_id=bindparam("b_orthanc_id"),
+        orthanc_series_id=func.coalesce(bindparam("b_series"), _UPLOADS.c.orthanc_series_id),
+        orthanc_study_id=func.coalesce(bindparam("b_study"), _UPLOADS.c.orthanc_study_id),
+        orthanc_patient_id=func.coalesce(bindparam("b_patient"), _UPLOADS.c.orthanc_patient_id),
         orthanc_status=bindparam("b_status"),
         forwarded_at=bindparam("b_at"),
         attempts=bindparam("b_attempts"),
@@ -344,7 +348,7 @@ class Forwarder:
                 stored.id,
                 claim.expected_id,
             )
-        await asyncio.to_thread(self._mark_forwarded, claim, stored.id, stored.status)
+        await asyncio.to_thread(self._mark_forwarded, claim, stored)
         self._orthanc_down_logged = False
         latency_ms = round((time.perf_counter() - started) * 1000, 1)
         log.info(
@@ -368,15 +372,18 @@ class Forwarder:
             return True  # Orthanc keeps no MD5: nothing to compare, trust its answer
         return remote == await asyncio.to_thread(_md5, path)
 
-    def _mark_forwarded(self, claim: _Claim, orthanc_id: str, status: str) -> None:
+    def _mark_forwarded(self, claim: _Claim, stored: StoredInstance) -> None:
         with self._sessions() as session:
             marked = session.execute(
                 _MARK_FORWARDED,
                 {
                     "b_id": claim.id,
                     "b_lease": claim.lease,
-                    "b_orthanc_id": orthanc_id,
-                    "b_status": status,
+                    "b_orthanc_id": stored.id,
+                    "b_series": stored.parent_series,
+                    "b_study": stored.parent_study,
+                    "b_patient": stored.parent_patient,
+                    "b_status": stored.status,
                     "b_at": utcnow(),
                     "b_attempts": claim.attempts + 1,
                 },

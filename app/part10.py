@@ -13,6 +13,7 @@ serving process.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -20,7 +21,7 @@ import struct
 import warnings
 from typing import BinaryIO
 
-from pydicom.charset import decode_bytes
+from pydicom.charset import decode_bytes, python_encoding
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
@@ -224,9 +225,90 @@ def _decode(encoded: bytes, *, implicit: bool, little: bool) -> dict[int, str]:
                 # included, where pydicom would re-type it by the dictionary and strip it.
                 values[tag] = decode_bytes(raw.value, ds._character_set, set()).rstrip("\0")
                 continue
+            if tag == _PATIENT_ID and isinstance(raw.value, bytes):
+                # Hashed into every Orthanc ID: decoded as Orthanc decodes it.
+                values[tag] = orthanc_text(raw.value, _charsets(ds))
+                continue
             # Values decode lazily, with (0008,0005) Specific Character Set.
             values[tag] = _text(tag, ds[tag].value)
     return values
+
+
+def _charsets(ds: Dataset) -> list[str]:
+    """(0008,0005) Specific Character Set as written, each value stripped."""
+    raw = ds.get_item(_CHARSET) if _CHARSET in ds else None
+    value = getattr(raw, "value", None)
+    if isinstance(value, bytes):
+        text = value.decode("ascii", "replace")
+    elif isinstance(value, str | MultiValue | list):
+        text = value if isinstance(value, str) else "\\".join(str(v) for v in value)
+    else:
+        return []
+    return [part.strip(" \0") for part in text.split("\\")]
+
+
+def orthanc_text(raw: bytes, charsets: list[str]) -> str:
+    """A text value as Orthanc 1.10.1 reads it, measured against the real one
+    (tests/test_identity.py): cut at the first NUL (DCMTK hands over a C string);
+    under ISO_IR 192, invalid UTF-8 dropped as Boost.Locale's ``skip`` drops it; under a
+    character set Orthanc does not know, only printable ASCII kept (its
+    ``ConvertToAscii``); otherwise decoded with the character set; trailing spaces
+    stripped."""
+    raw = raw.split(b"\0", 1)[0]
+    if any(c not in python_encoding for c in charsets):
+        text = bytes(b for b in raw if 32 <= b < 127).decode("ascii")
+    elif charsets and charsets[0] == "ISO_IR 192":
+        text = _utf8_skipping_invalid(raw)
+    else:
+        text = decode_bytes(raw, charsets or [""], set())
+    return text.rstrip(" ")
+
+
+def _sequence_size(lead: int) -> int:
+    """Bytes of the UTF-8 sequence a lead byte opens; 0 for an illegal lead (RFC 3629)."""
+    if lead < 0xC2:
+        return 0
+    if lead < 0xE0:
+        return 2
+    if lead < 0xF0:
+        return 3
+    return 4 if lead <= 0xF4 else 0
+
+
+def _utf8_skipping_invalid(raw: bytes) -> str:
+    """UTF-8 with each invalid sequence dropped the way Boost.Locale's decoder consumes it:
+    an illegal lead byte alone; a lead byte with every byte up to and including the first
+    that is not a continuation byte."""
+    out = bytearray()
+    i, n = 0, len(raw)
+    while i < n:
+        lead = raw[i]
+        if lead < 0x80:
+            out.append(lead)
+            i += 1
+            continue
+        size = (
+            2 if 0xC2 <= lead <= 0xDF else 3 if 0xE0 <= lead <= 0xEF else 4 if lead <= 0xF4 else 0
+        )
+        if size == 0 or lead < 0xC2:
+            i += 1
+            continue
+        j, whole = i + 1, True
+        while j < i + size:
+            if j >= n:
+                whole = False
+                break
+            trail = raw[j]
+            j += 1
+            if trail & 0xC0 != 0x80:
+                whole = False
+                break
+        if whole:
+            with contextlib.suppress(UnicodeDecodeError):  # overlong forms, surrogates
+                raw[i:j].decode("utf-8")
+                out += raw[i:j]
+        i = j
+    return out.decode("utf-8")
 
 
 def _text(tag: int, value: object) -> str:

@@ -8,6 +8,7 @@ answers depend on its own uploads only; an instance joining another site's study
 
 from __future__ import annotations
 
+import struct
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -15,7 +16,14 @@ from typing import Any
 import pytest
 from pydicom.uid import generate_uid
 
-from tests.dicom_samples import make_instance
+from tests.dicom_samples import (
+    CT_IMAGE_STORAGE,
+    EXPLICIT_LE,
+    encode_dataset,
+    make_dataset,
+    make_instance,
+    part10,
+)
 from tests.support.intake import Admin, IntakeProcess, Site, wait_until
 from tests.support.orthanc import OrthancProcess
 
@@ -183,3 +191,66 @@ def test_shared_studies_let_every_site_add_to_a_study(
     joined = _stored(intake, second, _instance(**study))
     assert (joined["Status"], joined["IntakeState"]) == ("Success", "queued")
     _wait_in_orthanc(private_orthanc, joined["ID"])
+
+
+def _with_raw_patient_id(value: bytes, charset: str) -> bytes:
+    """A Part 10 file whose PatientID holds exactly ``value`` (padded to even length)."""
+    placeholder = "PLACEHOLDER-PID"  # odd: pydicom pads it with one space
+    ds = make_dataset(
+        SpecificCharacterSet=charset,
+        PatientID=placeholder,
+        SOPInstanceUID=generate_uid(),
+        StudyInstanceUID=generate_uid(),
+        SeriesInstanceUID=generate_uid(),
+    )
+    encoded = encode_dataset(ds, EXPLICIT_LE)
+    old = placeholder.encode() + b" "
+    at = encoded.index(old)
+    padded = value + (b" " if len(value) % 2 else b"")
+    patched = encoded[: at - 2] + struct.pack("<H", len(padded)) + padded + encoded[at + len(old) :]
+    return part10(patched, EXPLICIT_LE, sop_class=CT_IMAGE_STORAGE, sop_instance=ds.SOPInstanceUID)
+
+
+@pytest.mark.parametrize(
+    ("value", "charset"),
+    [
+        (b"AB\xff\xfeCD", "ISO_IR 192"),
+        (b"\xc3(x", "ISO_IR 192"),
+        (b"caf\xc3\xa9", "ISO_IR 192"),
+        (b"Ab\xe9d", "ISO_IR 999"),
+        (b"AB\x00CD", "ISO_IR 100"),
+        (b"ABC\x00 ", "ISO_IR 100"),
+        (b"Ab\xe9d", "ISO_IR 100"),
+    ],
+    ids=["invalid-utf8", "broken-sequence", "utf8", "unknown-charset", "nul", "nul-pad", "latin1"],
+)
+def test_orthanc_ids_are_the_ones_orthanc_gives(
+    shared_intake: IntakeProcess,
+    fresh_site: Site,
+    identity_admin: Admin,
+    private_orthanc: OrthancProcess,
+    value: bytes,
+    charset: str,
+) -> None:
+    """Odd PatientIDs: the IDs the site is told, and the row's after forwarding, are the
+    real Orthanc's for the same file."""
+    data = _with_raw_patient_id(value, charset)
+    direct = private_orthanc.upload(data)
+    assert direct.status_code == 200, direct.text
+    told = _stored(shared_intake, fresh_site, data)
+    keys = ("ID", "ParentPatient", "ParentStudy", "ParentSeries")
+    assert {k: told[k] for k in keys} == {k: direct.json()[k] for k in keys}
+    with shared_intake.admin_client(identity_admin) as admin:
+
+        def forwarded() -> dict[str, Any] | None:
+            found = admin.get("/api/uploads", params={"site": fresh_site.name}).json()["items"]
+            row: dict[str, Any] = found[0]
+            return row if row["state"] == "forwarded" else None
+
+        row = wait_until(forwarded, timeout=60)
+    assert (
+        row["orthanc_instance_id"],
+        row["orthanc_patient_id"],
+        row["orthanc_study_id"],
+        row["orthanc_series_id"],
+    ) == tuple(direct.json()[k] for k in keys)
