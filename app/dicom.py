@@ -44,6 +44,9 @@ class Summary:
     modality: str | None
     element_count: int
     max_depth: int
+    # What the file does that Orthanc takes but the standard does not (docs/VALIDATION.md):
+    # it is forwarded unchanged, and the row says so.
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ def read_summary(path: str | os.PathLike[str], limits: Limits) -> Summary:
 # What a UID in a URL may hold (STOW-RS ``/studies/{uid}``): PS3.5's digits and dots, and
 # the letters, '-' and '_' that real devices write into non-conformant UIDs; never a
 # space, '/', '%' or control character (a decoded path is quoted in answers and logs).
-URL_UID = re.compile(r"[0-9A-Za-z._-]{1,128}")
+URL_UID = re.compile(r"[0-9A-Za-z._-]{1,256}")
 
 
 def orthanc_hash(*parts: str) -> str:

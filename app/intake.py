@@ -90,7 +90,10 @@ ORTHANC_ALREADY_STORED = "AlreadyStored"
 ORTHANC_FILTERED_OUT = "FilteredOut"  # Orthanc's word for "taken, but not stored"
 
 
-def _summary_columns(summary: dicom.Summary) -> dict[str, str | None]:
+_MODALITY_WIDTH = 16  # models.Upload.modality
+
+
+def _summary_columns(summary: dicom.Summary) -> dict[str, str | list[str] | None]:
     """The upload row's columns that come from the validated file's summary."""
     return {
         "sop_class_uid": summary.sop_class_uid,
@@ -99,7 +102,10 @@ def _summary_columns(summary: dicom.Summary) -> dict[str, str | None]:
         "study_instance_uid": summary.study_instance_uid,
         "patient_id": summary.patient_id,
         "transfer_syntax_uid": summary.transfer_syntax_uid,
-        "modality": summary.modality,
+        # A Modality is CS, 16 characters; Orthanc takes longer ones, and so does the
+        # intake: the file goes on unchanged, the row keeps what its column holds.
+        "modality": summary.modality[:_MODALITY_WIDTH] if summary.modality else None,
+        "warnings": list(summary.warnings) or None,
     }
 
 
@@ -527,6 +533,7 @@ class Intake:
                 "sop_class_uid": summary.sop_class_uid,
                 "bytes": received.byte_size,
                 "outcome": result.state.value,
+                "warnings": list(summary.warnings) or None,
                 "latency_ms": latency_ms,
             },
         )

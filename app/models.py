@@ -202,7 +202,7 @@ class WebhookDelivery(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     site_id: Mapped[int] = mapped_column(ForeignKey("sites.id"))
-    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str] = mapped_column(String(256))
     orthanc_study_id: Mapped[str | None] = mapped_column(String(44))
     instance_count: Mapped[int] = mapped_column(Integer)
     url: Mapped[str] = mapped_column(String(2048))
@@ -246,13 +246,15 @@ class Upload(Base):
     byte_size: Mapped[int] = mapped_column(BigInteger, default=0)
     sha256: Mapped[str | None] = mapped_column(String(64))
 
-    sop_class_uid: Mapped[str | None] = mapped_column(String(64))
-    sop_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
-    series_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
-    study_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    sop_class_uid: Mapped[str | None] = mapped_column(String(256))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(256), index=True)
+    series_instance_uid: Mapped[str | None] = mapped_column(String(256), index=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(String(256), index=True)
     patient_id: Mapped[str | None] = mapped_column(String(256))
     transfer_syntax_uid: Mapped[str | None] = mapped_column(String(64))
     modality: Mapped[str | None] = mapped_column(String(16))
+    # What the file does that Orthanc takes but the standard does not (docs/VALIDATION.md).
+    warnings: Mapped[list[str] | None] = mapped_column(JSON)
 
     orthanc_instance_id: Mapped[str | None] = mapped_column(String(44), index=True)
     orthanc_series_id: Mapped[str | None] = mapped_column(String(44), index=True)

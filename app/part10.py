@@ -83,6 +83,13 @@ _NAMES = {
 # PS3.5 §9.1: components of digits, no leading zero unless the component is "0".
 _UID_RE = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
 _MAX_META_VALUE = 1024
+# What a non-conformant UID may hold: printable ASCII but space and backslash.
+_UID_CHARS = re.compile(r"[!-\[\]-~]+")
+
+# Warnings on a row (app/dicom.py Summary.warnings; docs/VALIDATION.md).
+SOP_CLASS_MISSING = "sop_class_missing"
+UID_NONCONFORMANT = "uid_nonconformant"
+META_INCOMPLETE = "meta_incomplete"
 
 
 def read_summary(path: str | os.PathLike[str], limits: Limits) -> Summary:
@@ -107,12 +114,15 @@ def _read(f: BinaryIO, size: int, limits: Limits) -> Summary:
             f"no DICM prefix at offset {_PREAMBLE}: not a DICOM Part 10 file ({size} bytes)"
         )
     meta, start = _read_meta(f, size, limits.max_elements)
-    for tag in (_META_TS, _META_CLASS, _META_INSTANCE):
-        if not meta.get(tag):
-            raise MissingTag(
-                f"{_NAMES[tag]} {tag_str(tag)} is missing or empty in the File Meta Information"
-            )
-    if meta[_META_CLASS] == _DICOMDIR:
+    warned: list[str] = []
+    if not meta.get(_META_TS):
+        raise MissingTag(
+            f"{_NAMES[_META_TS]} {tag_str(_META_TS)} is missing or empty in the File Meta "
+            "Information"
+        )
+    if not meta.get(_META_CLASS) or not meta.get(_META_INSTANCE):
+        warned.append(META_INCOMPLETE)  # Orthanc reads the data set's own UIDs
+    if meta.get(_META_CLASS) == _DICOMDIR:
         raise DicomdirNotAnInstance("a DICOMDIR is a media directory, not an instance")
     ts = meta[_META_TS]
     if ts not in TRANSFER_SYNTAXES:
@@ -137,15 +147,25 @@ def _read(f: BinaryIO, size: int, limits: Limits) -> Summary:
     uids = {}
     for tag in (_SOP_CLASS, _SOP_INSTANCE, _STUDY, _SERIES):
         uid = values.get(tag, "")
+        if not uid and tag == _SOP_CLASS:
+            # Orthanc stores such files (its regression set has three, from bug reports).
+            warned.append(SOP_CLASS_MISSING)
+            uids[tag] = meta.get(_META_CLASS, "")
+            continue
         if not uid:
             raise MissingTag(f"{_NAMES[tag]} {tag_str(tag)} is missing or empty")
-        _check_uid(_NAMES[tag], uid)
+        if _check_uid(_NAMES[tag], uid) and UID_NONCONFORMANT not in warned:
+            warned.append(UID_NONCONFORMANT)
         uids[tag] = uid
     patient_id = values.get(_PATIENT_ID, "")
-    for name, value in (("PatientID", patient_id), *((_NAMES[t], uids[t]) for t in _IDENTIFYING)):
+    named = (
+        ("PatientID", patient_id),
+        *((_NAMES[t], uids[t]) for t in (*_IDENTIFYING, _SOP_CLASS)),
+    )
+    for name, value in named:
         _check_identifier(name, value)
     for meta_tag, tag in ((_META_INSTANCE, _SOP_INSTANCE), (_META_CLASS, _SOP_CLASS)):
-        if meta[meta_tag] != uids[tag]:
+        if meta.get(meta_tag) and uids[tag] and meta[meta_tag] != uids[tag]:
             raise MetaMismatch(
                 f"File Meta {_NAMES[meta_tag]} {meta[meta_tag]!r} differs from the data set's"
                 f" {_NAMES[tag]} {uids[tag]!r}"
@@ -160,6 +180,7 @@ def _read(f: BinaryIO, size: int, limits: Limits) -> Summary:
         modality=values.get(_MODALITY) or None,
         element_count=found.element_count,
         max_depth=found.max_depth,
+        warnings=tuple(warned),
     )
 
 
@@ -322,7 +343,8 @@ def _text(tag: int, value: object) -> str:
 
 
 # What Orthanc indexes an instance by, each at most 256 bytes in UTF-8 (Orthanc 1.10.1,
-# measured against the real one: tests/test_orthanc_limits.py).
+# measured against the real one: tests/test_orthanc_limits.py). The SOP Class UID is held
+# to the same bound: the database's UID columns are 256 characters wide.
 _IDENTIFYING = (_STUDY, _SERIES, _SOP_INSTANCE)
 MAX_IDENTIFIER_BYTES = 256
 
@@ -336,9 +358,17 @@ def _check_identifier(name: str, value: str) -> None:
         )
 
 
-def _check_uid(name: str, uid: str) -> None:
-    if len(uid) > 64 or not _UID_RE.fullmatch(uid):
+def _check_uid(name: str, uid: str) -> bool:
+    """Whether ``uid`` breaks PS3.5 §9.1 in a way Orthanc accepts (a warning, not a
+    refusal): over 64 characters, a leading zero, characters other than digits and dots,
+    as real devices write them. Refused (``invalid_uid``), for a security reason: a
+    space, control character, backslash or non-ASCII character, which could not name
+    the instance unambiguously in a URL, a multi-valued attribute or a log line."""
+    if len(uid) <= 64 and _UID_RE.fullmatch(uid):
+        return False
+    if not _UID_CHARS.fullmatch(uid):
         raise InvalidUid(
-            f"{name} {uid!r} is not a valid UID: at most 64 characters, digit components"
-            " separated by '.', none empty, no leading zeros (PS3.5 §9.1)"
+            f"{name} {uid[:80]!r} is not a UID: it holds a space, control character, "
+            "backslash or non-ASCII character (see docs/VALIDATION.md)"
         )
+    return True

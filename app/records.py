@@ -62,6 +62,10 @@ class UploadRecord:
     patient_id: str | None
     transfer_syntax_uid: str | None
     modality: str | None
+    warnings: Annotated[
+        list[str] | None,
+        Field(description="What the file does that Orthanc takes but the standard does not"),
+    ]
     orthanc_instance_id: str | None
     orthanc_series_id: str | None
     orthanc_study_id: str | None

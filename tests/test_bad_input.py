@@ -104,8 +104,21 @@ def test_missing_sop_instance_uid_is_inexistent_tag(intake: IntakeProcess, site:
     assert error["OrthancStatus"] == 21
 
 
-@pytest.mark.parametrize("bad_uid", ["1.02.3", "1..2", "1.2.abc", "1." + "2" * 70])
-def test_invalid_uid_is_refused(intake: IntakeProcess, site: Site, bad_uid: str) -> None:
+@pytest.mark.parametrize("odd_uid", ["1.02.3", "1..2", "1.2.abc", "1." + "2" * 70])
+def test_a_nonconformant_uid_is_taken_with_a_warning_on_the_row(
+    intake: IntakeProcess, site: Site, odd_uid: str
+) -> None:
+    """What real devices write and Orthanc stores: 200, forwarded unchanged, warned."""
+    data = _rewrite(VALID, SeriesInstanceUID=odd_uid)
+    answer = intake.upload(site, data)
+    assert answer.status_code == 200, answer.text
+    assert [r.warnings for r in _rows(intake, site)] == [["uid_nonconformant"]]
+
+
+@pytest.mark.parametrize("bad_uid", ["1.2 3", "1.2\x013"])
+def test_a_uid_with_spaces_or_controls_is_refused(
+    intake: IntakeProcess, site: Site, bad_uid: str
+) -> None:
     data = _rewrite(VALID, SeriesInstanceUID=bad_uid)
     _assert_orthanc_error(intake.upload(site, data), 400, details="SeriesInstanceUID")
 

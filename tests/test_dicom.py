@@ -359,7 +359,6 @@ def test_truncated_deflate_stream_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("keyword", "tag"),
     [
-        ("SOPClassUID", "(0008,0016)"),
         ("SOPInstanceUID", "(0008,0018)"),
         ("StudyInstanceUID", "(0020,000D)"),
         ("SeriesInstanceUID", "(0020,000E)"),
@@ -369,20 +368,38 @@ def test_truncated_deflate_stream_is_refused(tmp_path: Path) -> None:
 def test_missing_required_uid_is_refused(
     tmp_path: Path, keyword: str, tag: str, value: str | None
 ) -> None:
-    """Each required UID, absent or empty, is MissingTag naming it."""
+    """Each UID Orthanc needs, absent or empty, is MissingTag naming it (Orthanc refuses too)."""
     overrides: dict[str, Any] = {keyword: value}
     data = samples.make_instance(**overrides)
     with pytest.raises(MissingTag, match=re.escape(f"{keyword} {tag} is missing or empty")):
         summarise(tmp_path, data)
 
 
+@pytest.mark.parametrize("value", [None, ""], ids=["absent", "empty"])
+def test_a_missing_sop_class_is_taken_with_a_warning(tmp_path: Path, value: str | None) -> None:
+    """Orthanc stores files without a SOP Class UID; the File Meta's names the class."""
+    data = samples.make_instance(SOPClassUID=value, meta_class=samples.CT_IMAGE_STORAGE)
+    summary = summarise(tmp_path, data)
+    assert summary.warnings == ("sop_class_missing",)
+    assert summary.sop_class_uid == samples.CT_IMAGE_STORAGE
+
+
 @pytest.mark.parametrize("uid", ["1.02.3", "1..2", "1." + "2" * 63, "1.2.abc", ".1.2", "1.2."])
 @pytest.mark.parametrize("keyword", ["StudyInstanceUID", "SOPInstanceUID"])
-def test_invalid_uid_is_refused(tmp_path: Path, keyword: str, uid: str) -> None:
-    """PS3.5 §9.1 breaches are InvalidUid naming the attribute and value."""
-    data = samples.make_instance(**{keyword: uid})
-    with pytest.raises(InvalidUid, match=re.escape(f"{keyword} {uid!r}")):
-        summarise(tmp_path, data)
+def test_a_nonconformant_uid_is_taken_with_a_warning(
+    tmp_path: Path, keyword: str, uid: str
+) -> None:
+    """PS3.5 §9.1 breaches that real devices write (and Orthanc stores): a warning."""
+    summary = summarise(tmp_path, samples.make_instance(**{keyword: uid}))
+    assert summary.warnings == ("uid_nonconformant",)
+    assert uid in (summary.study_instance_uid, summary.sop_instance_uid)
+
+
+@pytest.mark.parametrize("uid", ["1.2 3", "1.2\\3", "1.2\x013", "1.\t2"])
+def test_a_uid_that_cannot_name_an_instance_is_refused(tmp_path: Path, uid: str) -> None:
+    """A space, backslash or control character in a UID: InvalidUid (docs/VALIDATION.md)."""
+    with pytest.raises(InvalidUid, match="StudyInstanceUID"):
+        summarise(tmp_path, samples.make_instance(StudyInstanceUID=uid))
 
 
 @pytest.mark.parametrize("uid", ["0.0", "1.0.3", "2.25." + "9" * 59])
@@ -407,15 +424,25 @@ def test_meta_disagreeing_with_the_data_set_is_refused(
         summarise(tmp_path, samples.make_instance(**override))
 
 
-@pytest.mark.parametrize("tag", [0x00020002, 0x00020003, 0x00020010])
-def test_missing_meta_element_is_refused(tmp_path: Path, tag: int) -> None:
-    """The three required File Meta elements must be there."""
+def _without_meta_element(tag: int) -> bytes:
     data = samples.make_instance()
     needle = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + b"UI"
     at = data.index(needle, 132)
-    broken = data[:at] + struct.pack("<HH", 0x0002, 0x0099) + data[at + 4 :]
-    with pytest.raises(MissingTag, match=re.escape(f"(0002,{tag & 0xFFFF:04X})")):
-        summarise(tmp_path, broken)
+    return data[:at] + struct.pack("<HH", 0x0002, 0x0099) + data[at + 4 :]
+
+
+def test_a_missing_transfer_syntax_in_the_file_meta_is_refused(tmp_path: Path) -> None:
+    """Without its Transfer Syntax UID the data set cannot be read."""
+    with pytest.raises(MissingTag, match=re.escape("(0002,0010)")):
+        summarise(tmp_path, _without_meta_element(0x00020010))
+
+
+@pytest.mark.parametrize("tag", [0x00020002, 0x00020003])
+def test_a_missing_media_storage_uid_is_a_warning(tmp_path: Path, tag: int) -> None:
+    """Orthanc reads the data set's own SOP Class and Instance UIDs: taken, with a warning."""
+    summary = summarise(tmp_path, _without_meta_element(tag))
+    assert summary.warnings == ("meta_incomplete",)
+    assert summary.sop_instance_uid == samples.SOP_INSTANCE_UID
 
 
 def test_errors_pickle_with_their_detail(tmp_path: Path) -> None:

@@ -254,3 +254,66 @@ def test_orthanc_ids_are_the_ones_orthanc_gives(
         row["orthanc_study_id"],
         row["orthanc_series_id"],
     ) == tuple(direct.json()[k] for k in keys)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "warning"),
+    [
+        ({"SOPClassUID": None}, "sop_class_missing"),
+        ({"SOPClassUID": ""}, "sop_class_missing"),
+        ({"SeriesInstanceUID": "1.2." + "3" * 120}, "uid_nonconformant"),
+        (
+            {
+                "SOPInstanceUID": "1.02.3."
+                + uuid.uuid4().hex[:8].translate(str.maketrans("abcdef", "123456"))
+            },
+            "uid_nonconformant",
+        ),
+        ({"StudyInstanceUID": "1.2.abc." + uuid.uuid4().hex[:8]}, "uid_nonconformant"),
+    ],
+    ids=["no-sop-class", "empty-sop-class", "long-uid", "leading-zero", "letters"],
+)
+def test_files_orthanc_stores_are_taken_with_a_warning(
+    shared_intake: IntakeProcess,
+    fresh_site: Site,
+    identity_admin: Admin,
+    private_orthanc: OrthancProcess,
+    overrides: dict[str, Any],
+    warning: str,
+) -> None:
+    """Orthanc 1.10.1 stores them (checked first, directly): the intake takes them, forwards
+    the bytes unchanged, and the row (API and CSV) carries the warning."""
+    values: dict[str, Any] = {
+        "PatientID": f"PID-{uuid.uuid4().hex[:8]}",
+        "StudyInstanceUID": generate_uid(),
+        "SeriesInstanceUID": generate_uid(),
+        "SOPInstanceUID": generate_uid(),
+    } | overrides
+    data = make_instance(meta_class=CT_IMAGE_STORAGE, **values)
+    direct = private_orthanc.upload(data)
+    assert direct.status_code == 200, direct.text
+    told = _stored(shared_intake, fresh_site, data)
+    assert told["ID"] == direct.json()["ID"]
+    with shared_intake.admin_client(identity_admin) as admin:
+
+        def forwarded() -> dict[str, Any] | None:
+            found = admin.get("/api/uploads", params={"site": fresh_site.name}).json()["items"]
+            row: dict[str, Any] = found[0]
+            return row if row["state"] == "forwarded" else None
+
+        row = wait_until(forwarded, timeout=60)
+        assert row["warnings"] == [warning]
+        export = admin.get("/api/uploads.csv", params={"site": fresh_site.name}).text
+    assert warning in export
+    assert private_orthanc.instance_file(told["ID"])[128:] == data[128:]
+
+
+def test_a_modality_longer_than_its_column_is_stored_on_both_backends(
+    shared_intake: IntakeProcess, fresh_site: Site, private_orthanc: OrthancProcess
+) -> None:
+    """Orthanc takes a 300-character Modality; PostgreSQL once refused the row (a 503 a
+    peer push would meet for ever). The row keeps 16 characters; the file goes on whole."""
+    data = _instance(Modality="M" * 300)
+    told = _stored(shared_intake, fresh_site, data)
+    assert told["Status"] == "Success"
+    _wait_in_orthanc(private_orthanc, told["ID"])

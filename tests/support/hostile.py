@@ -919,6 +919,7 @@ DOCUMENTED: tuple[type[IntakeError], ...] = (
     CorruptCompression,
 )
 _UID = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
+_UID_CHARS = re.compile(r"[!-\[\]-~]+")  # printable ASCII but space and backslash
 _VRS = (
     b"AE AS AT CS DA DS DT FL FD IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL"
     b" UN UR US UT UV"
@@ -1033,8 +1034,15 @@ def validate_once(path: str, limits: Limits) -> str:
         summary.study_instance_uid,
         summary.series_instance_uid,
     ):
-        assert len(uid) <= 64, f"accepted a {len(uid)}-character UID"
-        assert _UID.fullmatch(uid), f"accepted an invalid UID {uid!r}"
+        if not uid:  # only the SOP Class UID may be missing, and then it says so
+            assert "sop_class_missing" in summary.warnings, "an empty UID without a warning"
+            continue
+        assert len(uid.encode()) <= 256, f"accepted a {len(uid)}-character UID"
+        assert _UID_CHARS.fullmatch(uid), f"accepted a UID that cannot name it {uid!r}"
+        conformant = len(uid) <= 64 and _UID.fullmatch(uid)
+        assert conformant or "uid_nonconformant" in summary.warnings, (
+            f"accepted a non-conformant UID {uid!r} without a warning"
+        )
     assert summary.max_depth <= limits.max_depth
     assert summary.element_count <= limits.max_elements
     return "accepted"

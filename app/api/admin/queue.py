@@ -22,6 +22,9 @@ router = APIRouter(
 )
 T = TypeVar("T")
 _CHUNK = 1024 * 1024
+# A keyset cursor is a row id: 64-bit, so a larger number is a 422, never a database error
+# (SQLite raised OverflowError, a 500 that schemathesis found).
+RowCursor = Annotated[int | None, Query(ge=0, le=2**63 - 1, description="next_cursor")]
 
 
 class RetryCountOut(BaseModel):
@@ -64,7 +67,7 @@ async def list_queue(
     site: str | None = None,
     reason: str | None = None,
     limit: Limit = 100,
-    cursor: int | None = None,
+    cursor: RowCursor = None,
 ) -> QueuePage:
     """What waits for Orthanc (oldest first) or sits in quarantine (newest first)."""
     page = await _call(
@@ -122,7 +125,7 @@ async def list_conflicts(
     service: ServiceDep,
     site: str | None = None,
     limit: Limit = 100,
-    cursor: int | None = None,
+    cursor: RowCursor = None,
 ) -> ConflictPage:
     """Quarantined conflicts (same SOP Instance UID, other bytes), newest first.
 

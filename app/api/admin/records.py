@@ -199,6 +199,8 @@ def csv_cell(value: object) -> object:
         return ""
     if isinstance(value, datetime):
         return value.isoformat()
+    if isinstance(value, list):  # warnings
+        value = ";".join(str(v) for v in value)
     if not isinstance(value, str):
         return value  # numbers and booleans are the intake's own
     if value.startswith(_FORMULA_START):
