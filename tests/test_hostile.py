@@ -325,7 +325,8 @@ def test_200_connections_held_open_while_real_uploads_flow(
     hostile_intake: IntakeProcess, hostile_site: Site, private_orthanc: OrthancProcess
 ) -> None:
     """200 sockets held open (idle, half a request line, headers then part of a body,
-    and finished keep-alive requests) while 10 real uploads go through and reach Orthanc."""
+    and finished keep-alive requests) while 10 real uploads go through and reach Orthanc.
+    Each from a loopback address of its own: one address may hold 32 (test_connections)."""
     port = hostile_intake.public_port
     auth = _authorization(hostile_site).encode()
     partial_body = (
@@ -339,7 +340,10 @@ def test_200_connections_held_open_while_real_uploads_flow(
     try:
         with measure(_pid(hostile_intake)) as memory:
             for n in range(200):
-                sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+                source = (f"127.0.{100 + n // 200}.{n % 200 + 1}", 0)
+                sock = socket.create_connection(
+                    ("127.0.0.1", port), timeout=30, source_address=source
+                )
                 held.append(sock)
                 kind = n % 4
                 if kind == 1:
