@@ -5,27 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import httpx
-import pytest
 
-from tests.support.intake import Admin, IntakeProcess, Site, wait_until
+from tests.support.intake import Admin, IntakeProcess, wait_until
 from tests.support.orthanc import OrthancProcess
+from tests.support.shared import shared_intake_fixtures
 
-
-# This module's tests take the default settings: they share the module's intake per
-# backend, each with a site and an admin of its own (tests/conftest.py).
-@pytest.fixture
-def intake(shared_intake: IntakeProcess) -> IntakeProcess:
-    return shared_intake
-
-
-@pytest.fixture
-def site(fresh_site: Site) -> Site:
-    return fresh_site
-
-
-@pytest.fixture
-def admin(fresh_admin: Admin) -> Admin:
-    return fresh_admin
+# Default settings: the module's shared intake, a site and an admin per test.
+intake, site, admin = shared_intake_fixtures()
 
 
 def test_admin_routes_need_credentials(intake: IntakeProcess, admin: Admin) -> None:

@@ -20,6 +20,7 @@ from app.models import Site as SiteRow
 from app.models import State, Upload
 from tests.support.intake import IntakeProcess, Site, wait_until
 from tests.support.orthanc import OrthancProcess
+from tests.support.shared import shared_intake_fixtures
 from tests.support.studies import make_nested, make_study
 
 
@@ -49,15 +50,8 @@ def _assert_orthanc_error(response: httpx.Response, status: int, *, details: str
     return body
 
 
-@pytest.fixture
-def intake(shared_intake: IntakeProcess) -> IntakeProcess:
-    """Parser-level cases share the module's intake per backend (each with its own site)."""
-    return shared_intake
-
-
-@pytest.fixture
-def site(fresh_site: Site) -> Site:
-    return fresh_site
+# Parser-level cases share the module's intake per backend, each with its own site.
+intake, site, _admin = shared_intake_fixtures()
 
 
 def _rows(intake: IntakeProcess, site: Site) -> list[Upload]:

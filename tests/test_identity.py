@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import pytest
 from pydicom.uid import generate_uid
 
@@ -53,6 +54,18 @@ def _stored(intake: IntakeProcess, site: Site, data: bytes) -> dict[str, Any]:
     return body
 
 
+def _forwarded_row(admin: httpx.Client, site: Site) -> dict[str, Any]:
+    """The site's newest upload row, once it is forwarded (admin API)."""
+
+    def forwarded() -> dict[str, Any] | None:
+        found = admin.get("/api/uploads", params={"site": site.name}).json()["items"]
+        row: dict[str, Any] = found[0]
+        return row if row["state"] == "forwarded" else None
+
+    found: dict[str, Any] = wait_until(forwarded, timeout=60)
+    return found
+
+
 def _wait_in_orthanc(orthanc: OrthancProcess, orthanc_id: str) -> None:
     wait_until(lambda: _in_orthanc(orthanc, orthanc_id), timeout=60)
 
@@ -60,11 +73,6 @@ def _wait_in_orthanc(orthanc: OrthancProcess, orthanc_id: str) -> None:
 @pytest.fixture
 def second_site(shared_intake: IntakeProcess) -> Site:
     return shared_intake.add_site(f"other-{uuid.uuid4().hex[:10]}")
-
-
-@pytest.fixture
-def identity_admin(shared_intake: IntakeProcess) -> Admin:
-    return shared_intake.add_admin(f"admin-{uuid.uuid4().hex[:10]}")
 
 
 @pytest.mark.parametrize("differs", ["PatientID", "StudyInstanceUID", "SeriesInstanceUID"])
@@ -149,7 +157,7 @@ def test_an_instance_joining_another_sites_study_is_held_until_released(
     shared_intake: IntakeProcess,
     fresh_site: Site,
     second_site: Site,
-    identity_admin: Admin,
+    fresh_admin: Admin,
     private_orthanc: OrthancProcess,
 ) -> None:
     """B adds to A's study: FilteredOut, quarantined `foreign_study`; an admin releases it."""
@@ -167,7 +175,7 @@ def test_an_instance_joining_another_sites_study_is_held_until_released(
     _wait_in_orthanc(private_orthanc, owner["ID"])
     assert not _in_orthanc(private_orthanc, injected["ID"])
 
-    with shared_intake.admin_client(identity_admin) as admin:
+    with shared_intake.admin_client(fresh_admin) as admin:
         held = admin.get("/api/queue", params={"state": "quarantined", "site": second_site.name})
         assert held.status_code == 200, held.text
         reasons = {item["reason"] for item in held.json()["items"]}
@@ -227,7 +235,7 @@ def _with_raw_patient_id(value: bytes, charset: str) -> bytes:
 def test_orthanc_ids_are_the_ones_orthanc_gives(
     shared_intake: IntakeProcess,
     fresh_site: Site,
-    identity_admin: Admin,
+    fresh_admin: Admin,
     private_orthanc: OrthancProcess,
     value: bytes,
     charset: str,
@@ -240,14 +248,8 @@ def test_orthanc_ids_are_the_ones_orthanc_gives(
     told = _stored(shared_intake, fresh_site, data)
     keys = ("ID", "ParentPatient", "ParentStudy", "ParentSeries")
     assert {k: told[k] for k in keys} == {k: direct.json()[k] for k in keys}
-    with shared_intake.admin_client(identity_admin) as admin:
-
-        def forwarded() -> dict[str, Any] | None:
-            found = admin.get("/api/uploads", params={"site": fresh_site.name}).json()["items"]
-            row: dict[str, Any] = found[0]
-            return row if row["state"] == "forwarded" else None
-
-        row = wait_until(forwarded, timeout=60)
+    with shared_intake.admin_client(fresh_admin) as admin:
+        row = _forwarded_row(admin, fresh_site)
     assert (
         row["orthanc_instance_id"],
         row["orthanc_patient_id"],
@@ -276,7 +278,7 @@ def test_orthanc_ids_are_the_ones_orthanc_gives(
 def test_files_orthanc_stores_are_taken_with_a_warning(
     shared_intake: IntakeProcess,
     fresh_site: Site,
-    identity_admin: Admin,
+    fresh_admin: Admin,
     private_orthanc: OrthancProcess,
     overrides: dict[str, Any],
     warning: str,
@@ -294,14 +296,8 @@ def test_files_orthanc_stores_are_taken_with_a_warning(
     assert direct.status_code == 200, direct.text
     told = _stored(shared_intake, fresh_site, data)
     assert told["ID"] == direct.json()["ID"]
-    with shared_intake.admin_client(identity_admin) as admin:
-
-        def forwarded() -> dict[str, Any] | None:
-            found = admin.get("/api/uploads", params={"site": fresh_site.name}).json()["items"]
-            row: dict[str, Any] = found[0]
-            return row if row["state"] == "forwarded" else None
-
-        row = wait_until(forwarded, timeout=60)
+    with shared_intake.admin_client(fresh_admin) as admin:
+        row = _forwarded_row(admin, fresh_site)
         assert row["warnings"] == [warning]
         export = admin.get("/api/uploads.csv", params={"site": fresh_site.name}).text
     assert warning in export
