@@ -252,3 +252,19 @@ def test_endless_chunked_trailers_get_431_within_the_header_cap(
     assert current_rss(edge.pid) - rss_before < 32 * MIB
     assert max(worst) < 1.0  # generous on a shared machine; docs/RELIABILITY.md has the figure
     _upload_works(edge, edge_site)
+
+
+def test_a_408_closes_the_connection(edge: IntakeProcess, edge_site: Site) -> None:
+    """A body that stalls past BODY_IDLE_TIMEOUT_SECONDS: 408, `Connection: close`, and
+    the connection ends (its unread rest would be taken for the next request)."""
+    credentials = base64.b64encode(f"{edge_site.name}:{edge_site.token}".encode()).decode()
+    with _connect(edge.public_port, "127.0.0.13") as sock:
+        sock.sendall(
+            "POST /instances HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+            f"Authorization: Basic {credentials}\r\n\r\n".encode()
+            + bytes(1000)
+        )
+        head = _read_head(sock)
+        assert head.startswith(b"HTTP/1.1 408"), head
+        assert b"connection: close" in head.lower()
+        _all_gone(edge, [sock], within=MARGIN)
