@@ -15,7 +15,8 @@ import re
 from dataclasses import dataclass
 
 __all__ = [
-    "URL_UID",
+    "MAX_IDENTIFIER_BYTES",
+    "UID_CHARS",
     "Limits",
     "OrthancIds",
     "Summary",
@@ -64,10 +65,16 @@ def read_summary(path: str | os.PathLike[str], limits: Limits) -> Summary:
     return part10.read_summary(path, limits)
 
 
-# What a UID in a URL may hold (STOW-RS ``/studies/{uid}``): PS3.5's digits and dots, and
-# the letters, '-' and '_' that real devices write into non-conformant UIDs; never a
-# space, '/', '%' or control character (a decoded path is quoted in answers and logs).
-URL_UID = re.compile(r"[0-9A-Za-z._-]{1,256}")
+# What Orthanc indexes an instance by (PatientID, Study, Series, SOP Instance UID) holds
+# at most this many bytes in UTF-8 (Orthanc 1.10.1, measured: tests/test_orthanc_limits.py).
+MAX_IDENTIFIER_BYTES = 256
+# What a UID may hold, in a file or in a URL (STOW-RS ``/studies/{uid}``): printable ASCII
+# but space and backslash. PS3.5 §9.1 wants digits and dots; real devices write letters,
+# leading zeros and more, and Orthanc takes them (a warning here). Never a space, control
+# or non-ASCII character: the UID could not name the instance unambiguously in a URL, a
+# multi-valued attribute (backslash) or a log line (docs/VALIDATION.md).
+# (Its length is checked on its own: over MAX_IDENTIFIER_BYTES is Orthanc's refusal.)
+UID_CHARS = re.compile(r"[!-\[\]-~]+")
 
 
 def orthanc_hash(*parts: str) -> str:

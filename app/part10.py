@@ -27,7 +27,7 @@ from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID_dictionary  # type: ignore[attr-defined]  # no __all__ entry
 
-from app.dicom import Limits, Summary
+from app.dicom import MAX_IDENTIFIER_BYTES, UID_CHARS, Limits, Summary
 from app.dicom_scan import LONG_VRS, SHORT_VRS, FileSource, InflateSource, Source, scan, tag_str
 from app.errors import (
     DicomdirNotAnInstance,
@@ -83,8 +83,6 @@ _NAMES = {
 # PS3.5 §9.1: components of digits, no leading zero unless the component is "0".
 _UID_RE = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
 _MAX_META_VALUE = 1024
-# What a non-conformant UID may hold: printable ASCII but space and backslash.
-_UID_CHARS = re.compile(r"[!-\[\]-~]+")
 
 # Warnings on a row (app/dicom.py Summary.warnings; docs/VALIDATION.md).
 SOP_CLASS_MISSING = "sop_class_missing"
@@ -346,7 +344,6 @@ def _text(tag: int, value: object) -> str:
 # measured against the real one: tests/test_orthanc_limits.py). The SOP Class UID is held
 # to the same bound: the database's UID columns are 256 characters wide.
 _IDENTIFYING = (_STUDY, _SERIES, _SOP_INSTANCE)
-MAX_IDENTIFIER_BYTES = 256
 
 
 def _check_identifier(name: str, value: str) -> None:
@@ -366,7 +363,7 @@ def _check_uid(name: str, uid: str) -> bool:
     the instance unambiguously in a URL, a multi-valued attribute or a log line."""
     if len(uid) <= 64 and _UID_RE.fullmatch(uid):
         return False
-    if not _UID_CHARS.fullmatch(uid):
+    if not UID_CHARS.fullmatch(uid):
         raise InvalidUid(
             f"{name} {uid[:80]!r} is not a UID: it holds a space, control character, "
             "backslash or non-ASCII character (see docs/VALIDATION.md)"

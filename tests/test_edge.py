@@ -350,3 +350,22 @@ def test_public_allowed_hosts_refuse_other_names_in_orthancs_shape(
         if status == 400:
             assert answer.json()["HttpStatus"] == 400
             assert "not served as" in answer.json()["Details"]
+
+
+def test_a_stow_path_takes_every_uid_the_validator_takes(
+    shared_intake: IntakeProcess, fresh_site: Site
+) -> None:
+    """One rule for what a UID may hold, in a file and in a URL: a non-conformant study
+    UID that an instance may carry (taken with a warning) is a valid STOW-RS path too."""
+    study = f"2.25.1+{uuid.uuid4().int % 10**12}"
+    data = make_instance(
+        StudyInstanceUID=study, SeriesInstanceUID=generate_uid(), SOPInstanceUID=generate_uid()
+    )
+    body = b"--b\r\nContent-Type: application/dicom\r\n\r\n" + data + b"\r\n--b--\r\n"
+    with shared_intake.client(fresh_site) as client:
+        answer = client.post(
+            f"/dicom-web/studies/{study}",
+            content=body,
+            headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=b'},
+        )
+    assert answer.status_code == 200, answer.text

@@ -153,9 +153,9 @@ async def store_study_instances(
     study: str, request: Request, site: SiteDep, service: ServiceDep
 ) -> Response:
     """STOW-RS into one study: instances of another study are refused one by one."""
-    if not dicom.URL_UID.fullmatch(study):
+    if len(study) > dicom.MAX_IDENTIFIER_BYTES or not dicom.UID_CHARS.fullmatch(study):
         raise InvalidUid(
-            f"the study UID in the URL ({study[:80]!r}) is not a UID: digits and '.', "
-            "at most 128 characters"
+            f"the study UID in the URL ({study[:80]!r}) is not a UID: printable ASCII "
+            f"without spaces or backslashes, at most {dicom.MAX_IDENTIFIER_BYTES} characters"
         )
     return await _store(request, site, service, study)
