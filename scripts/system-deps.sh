@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test suite runs for real, when they are missing:
-# Orthanc (private Orthanc and remote site in the tests), a PostgreSQL server, and
-# PHP with curl (the admin API's PHP example is run against a live intake), and
-# Chromium (the browser upload page is tested in it).
+# Orthanc (private Orthanc and remote site in the tests) with its DICOMweb plugin, a
+# PostgreSQL server, PHP with curl (the admin API's PHP example is run against a live
+# intake), and Chromium (the browser upload page is tested in it).
 set -euo pipefail
 
 SUDO=""
@@ -13,6 +13,8 @@ fi
 
 missing=()
 command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
+# Orthanc's own DICOMweb plugin is a real STOW-RS client of the intake in the tests.
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
 command -v pg_ctlcluster >/dev/null 2>&1 || missing+=(postgresql)
 command -v php >/dev/null 2>&1 || missing+=(php-cli)
 php -m 2>/dev/null | grep -qx curl || missing+=(php-curl)
