@@ -749,9 +749,9 @@ CASES: list[Case] = [
         Expect(415, None, details="boundary"),
     ),
     Case(
-        "form-boundary-71",
-        "a 71-character boundary",
-        lambda _auth: Probe(b"x", {"Content-Type": f"multipart/form-data; boundary={'b' * 71}"}),
+        "form-boundary-257",
+        "a 257-character boundary (cap 256)",
+        lambda _auth: Probe(b"x", {"Content-Type": f"multipart/form-data; boundary={'b' * 257}"}),
         Expect(415, None, details="boundary"),
     ),
     Case(
