@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO
 
+from app.dicom import bare_data_set_order, is_part10
 from app.errors import ArchiveTooLarge, MalformedArchive, NestedArchive
 from app.spool import PREAMBLE, Received, Spool, is_archive
 
@@ -159,7 +160,8 @@ class Archive:
                 head = _read_exactly(source, _HEAD)
                 if is_archive(head):
                     raise NestedArchive(f"entry {entry.name!r} is itself a ZIP archive")
-                if len(head) < _HEAD or head[PREAMBLE:] != b"DICM":
+                # Orthanc reads a bare data set in an archive too; validation decides.
+                if not is_part10(head) and bare_data_set_order(head) is None:
                     raise Skipped("not_dicom", f"entry {entry.name!r} is not a DICOM file")
                 target.write(head)
                 while chunk := source.read(_CHUNK):

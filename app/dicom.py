@@ -16,11 +16,14 @@ from dataclasses import dataclass
 
 __all__ = [
     "MAX_IDENTIFIER_BYTES",
+    "PREAMBLE_BYTES",
     "UID_CHARS",
     "Limits",
     "OrthancIds",
     "Summary",
+    "bare_data_set_order",
     "classify_preamble",
+    "is_part10",
     "orthanc_hash",
     "orthanc_ids",
     "read_summary",
@@ -105,6 +108,35 @@ _EXECUTABLE_MAGICS = (
     (b"PK\x03\x04", "ZIP"),
     (b"PK\x05\x06", "ZIP"),  # an empty archive's end record: a ZIP reader takes the file
 )
+
+
+PREAMBLE_BYTES = 128  # PS3.10 §7.1: a 128-byte preamble, then "DICM"
+_DATA_SET_GROUPS = frozenset({0x0002, 0x0008})
+
+
+def is_part10(head: bytes) -> bool:
+    """Whether a file opening with ``head`` carries the PS3.10 §7.1 header."""
+    return head[PREAMBLE_BYTES : PREAMBLE_BYTES + 4] == b"DICM"
+
+
+def bare_data_set_order(head: bytes) -> str | None:
+    """For a file without the Part 10 header: ``"little"`` or ``"big"`` when it opens
+    like a data set, the way DCMTK (and so Orthanc) reads such a file; None otherwise.
+
+    A data set holds SOPInstanceUID (0008,0018) and its tags ascend, so its first tag is
+    in group 0002 (File Meta written without preamble, always little endian) or 0008.
+    Holding the first group to those is also the security rule: such a file cannot open
+    with an executable's or an archive's magic (``MZ``, ``\x7fELF``, ``#!``, ``PK``), so
+    it cannot be a polyglot (CVE-2019-11687) the way a Part 10 preamble can.
+    """
+    if len(head) < 8:
+        return None
+    little, big = head[0] | head[1] << 8, head[0] << 8 | head[1]
+    if little in _DATA_SET_GROUPS:
+        return "little"
+    if big == 0x0008:
+        return "big"
+    return None
 
 
 def classify_preamble(preamble: bytes) -> str | None:

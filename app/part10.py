@@ -27,7 +27,14 @@ from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID_dictionary  # type: ignore[attr-defined]  # no __all__ entry
 
-from app.dicom import MAX_IDENTIFIER_BYTES, UID_CHARS, Limits, Summary
+from app.dicom import (
+    MAX_IDENTIFIER_BYTES,
+    UID_CHARS,
+    Limits,
+    Summary,
+    bare_data_set_order,
+    is_part10,
+)
 from app.dicom_scan import LONG_VRS, SHORT_VRS, FileSource, InflateSource, Source, scan, tag_str
 from app.errors import (
     DicomdirNotAnInstance,
@@ -35,7 +42,6 @@ from app.errors import (
     IntakeError,
     InvalidUid,
     MalformedDicom,
-    MetaMismatch,
     MissingTag,
     NotDicom,
     UnsupportedTransferSyntax,
@@ -47,6 +53,7 @@ _PREAMBLE = 128
 _MAGIC = b"DICM"
 _DICOMDIR = "1.2.840.10008.1.3.10"
 _IMPLICIT_LE = "1.2.840.10008.1.2"
+_EXPLICIT_LE = "1.2.840.10008.1.2.1"
 _EXPLICIT_BE = "1.2.840.10008.1.2.2"
 # PS3.5 Annex A: these encode the data set as raw deflate of Explicit VR LE. pydicom
 # only knows the first; the JPIP "Deflate" ones work the same way.
@@ -88,10 +95,13 @@ _MAX_META_VALUE = 1024
 SOP_CLASS_MISSING = "sop_class_missing"
 UID_NONCONFORMANT = "uid_nonconformant"
 META_INCOMPLETE = "meta_incomplete"
+META_MISMATCH = "meta_mismatch"
+NO_PART10_HEADER = "no_part10_header"
 
 
 def read_summary(path: str | os.PathLike[str], limits: Limits) -> Summary:
-    """Validate the Part 10 file at ``path`` within ``limits``; summarise it or raise."""
+    """Validate the DICOM file at ``path`` within ``limits`` (a Part 10 file, or a bare
+    data set as Orthanc takes one); summarise it or raise."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         try:
@@ -106,19 +116,44 @@ def read_summary(path: str | os.PathLike[str], limits: Limits) -> Summary:
 
 def _read(f: BinaryIO, size: int, limits: Limits) -> Summary:
     head = f.read(_PREAMBLE + 4)
-    if len(head) < _PREAMBLE + 4 or head[_PREAMBLE:] != _MAGIC:
-        # Policy: a data set without its PS3.10 §7.1 header is refused, not guessed at.
+    if is_part10(head):
+        meta, start = _read_meta(f, size, limits.max_elements, _PREAMBLE + 4)
+        return _read_data_set(f, size, limits, meta, start, [])
+    order = bare_data_set_order(head)
+    if order is None:
         raise NotDicom(
-            f"no DICM prefix at offset {_PREAMBLE}: not a DICOM Part 10 file ({size} bytes)"
+            f"no DICM prefix at offset {_PREAMBLE} and no data set at offset 0: not a DICOM "
+            f"file ({size} bytes)"
         )
-    meta, start = _read_meta(f, size, limits.max_elements)
-    warned: list[str] = []
+    # No PS3.10 §7.1 header: a bare data set, which Orthanc (DCMTK) stores. Its encoding is
+    # read off its first element as DCMTK reads it; File Meta without a preamble is read too.
+    explicit = head[4:6] in LONG_VRS or head[4:6] in SHORT_VRS
+    if not explicit and order == "big":
+        raise UnsupportedTransferSyntax(
+            "a bare data set in implicit VR big endian, which is no DICOM transfer syntax"
+        )
+    try:
+        if struct.unpack("<H", head[:2])[0] == 0x0002:
+            meta, start = _read_meta(f, size, limits.max_elements, 0)
+        else:
+            ts = (_EXPLICIT_LE if order == "little" else _EXPLICIT_BE) if explicit else _IMPLICIT_LE
+            meta, start = {_META_TS: ts}, 0
+        return _read_data_set(f, size, limits, meta, start, [NO_PART10_HEADER])
+    except MalformedDicom as exc:
+        raise NotDicom(f"no DICM prefix at offset {_PREAMBLE}, and not a data set: {exc}") from None
+
+
+def _read_data_set(
+    f: BinaryIO, size: int, limits: Limits, meta: dict[int, str], start: int, warned: list[str]
+) -> Summary:
+    """The data set from ``start``, read with the File Meta's transfer syntax."""
     if not meta.get(_META_TS):
         raise MissingTag(
             f"{_NAMES[_META_TS]} {tag_str(_META_TS)} is missing or empty in the File Meta "
             "Information"
         )
-    if not meta.get(_META_CLASS) or not meta.get(_META_INSTANCE):
+    incomplete = not meta.get(_META_CLASS) or not meta.get(_META_INSTANCE)
+    if incomplete and NO_PART10_HEADER not in warned:
         warned.append(META_INCOMPLETE)  # Orthanc reads the data set's own UIDs
     if meta.get(_META_CLASS) == _DICOMDIR:
         raise DicomdirNotAnInstance("a DICOMDIR is a media directory, not an instance")
@@ -163,11 +198,11 @@ def _read(f: BinaryIO, size: int, limits: Limits) -> Summary:
     for name, value in named:
         _check_identifier(name, value)
     for meta_tag, tag in ((_META_INSTANCE, _SOP_INSTANCE), (_META_CLASS, _SOP_CLASS)):
-        if meta.get(meta_tag) and uids[tag] and meta[meta_tag] != uids[tag]:
-            raise MetaMismatch(
-                f"File Meta {_NAMES[meta_tag]} {meta[meta_tag]!r} differs from the data set's"
-                f" {_NAMES[tag]} {uids[tag]!r}"
-            )
+        # Orthanc stores such files (real RT plans and doses; pydicom's rtplan.dcm): it
+        # reads the data set's UIDs, and so does every ID the intake computes.
+        differs = meta.get(meta_tag) and uids[tag] and meta[meta_tag] != uids[tag]
+        if differs and META_MISMATCH not in warned:
+            warned.append(META_MISMATCH)
     return Summary(
         sop_class_uid=uids[_SOP_CLASS],
         sop_instance_uid=uids[_SOP_INSTANCE],
@@ -182,9 +217,9 @@ def _read(f: BinaryIO, size: int, limits: Limits) -> Summary:
     )
 
 
-def _read_meta(f: BinaryIO, size: int, max_elements: int) -> tuple[dict[int, str], int]:
-    """Walk group 0002 (always Explicit VR LE, PS3.10 §7.1) without trusting its group length."""
-    pos = _PREAMBLE + 4
+def _read_meta(f: BinaryIO, size: int, max_elements: int, pos: int) -> tuple[dict[int, str], int]:
+    """Walk group 0002 (always Explicit VR LE, PS3.10 §7.1) from ``pos`` without trusting
+    its group length; the data set's offset follows."""
     values: dict[int, str] = {}
     count = 0
     while True:

@@ -24,7 +24,6 @@ from app.errors import (
     InflateLimitExceeded,
     InvalidUid,
     MalformedDicom,
-    MetaMismatch,
     MissingTag,
     NestingTooDeep,
     NotDicom,
@@ -410,18 +409,58 @@ def test_edge_valid_uids_are_accepted(tmp_path: Path, uid: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("override", "name"),
-    [
-        ({"meta_instance": "1.2.3.4"}, "MediaStorageSOPInstanceUID"),
-        ({"meta_class": "1.2.840.10008.5.1.4.1.1.4"}, "MediaStorageSOPClassUID"),
-    ],
+    "override",
+    [{"meta_instance": "1.2.3.4"}, {"meta_class": "1.2.840.10008.5.1.4.1.1.4"}],
+    ids=["instance", "class"],
 )
-def test_meta_disagreeing_with_the_data_set_is_refused(
-    tmp_path: Path, override: dict[str, str], name: str
+def test_meta_disagreeing_with_the_data_set_is_a_warning(
+    tmp_path: Path, override: dict[str, str]
 ) -> None:
-    """File Meta and data set must name the same instance and class."""
-    with pytest.raises(MetaMismatch, match=name):
-        summarise(tmp_path, samples.make_instance(**override))
+    """Orthanc stores such files (real RT plans and doses) and reads the data set's UIDs:
+    taken, with the warning ``meta_mismatch``, the data set's UIDs summarised."""
+    summary = summarise(tmp_path, samples.make_instance(**override))
+    assert summary.warnings == ("meta_mismatch",)
+    assert summary.sop_instance_uid == samples.SOP_INSTANCE_UID
+    assert summary.sop_class_uid == samples.CT_IMAGE_STORAGE
+
+
+@pytest.mark.parametrize(
+    "transfer_syntax", [samples.IMPLICIT_LE, samples.EXPLICIT_LE, samples.EXPLICIT_BE]
+)
+def test_a_bare_data_set_is_read_as_dcmtk_reads_it(tmp_path: Path, transfer_syntax: str) -> None:
+    """No preamble, no DICM, no File Meta: the encoding is read off the first element."""
+    body = samples.encode_dataset(samples.make_dataset(pixels=False), transfer_syntax)
+    summary = summarise(tmp_path, body)
+    assert summary.transfer_syntax_uid == transfer_syntax
+    assert summary.sop_instance_uid == samples.SOP_INSTANCE_UID
+    assert summary.warnings == ("no_part10_header",)
+
+
+def test_file_meta_without_a_preamble_is_read(tmp_path: Path) -> None:
+    """A Part 10 file with its 128 + 4 leading bytes cut off: File Meta at offset 0."""
+    data = samples.make_instance(samples.IMPLICIT_LE)[132:]
+    summary = summarise(tmp_path, data)
+    assert summary.transfer_syntax_uid == samples.IMPLICIT_LE
+    assert summary.warnings == ("no_part10_header",)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [b"MZ\x90\x00", b"\x7fELF", b"#!/bin/sh", b"PK\x03\x04", b"\x10\x00\x10\x00PN"],
+    ids=["pe", "elf", "shebang", "zip", "group-0010"],
+)
+def test_a_bare_file_must_open_with_group_0002_or_0008(tmp_path: Path, head: bytes) -> None:
+    """The security rule for bare data sets: nothing can open like an executable."""
+    body = samples.encode_dataset(samples.make_dataset(pixels=False))
+    with pytest.raises(NotDicom, match="no data set at offset 0"):
+        summarise(tmp_path, head + body)
+
+
+def test_a_bare_file_that_does_not_parse_is_not_dicom(tmp_path: Path) -> None:
+    """Opening like a data set is not enough: the whole of it must parse."""
+    body = samples.encode_dataset(samples.make_dataset(pixels=False))
+    with pytest.raises(NotDicom, match="not a data set"):
+        summarise(tmp_path, body[:40] + b"\xff" * 64)
 
 
 def _without_meta_element(tag: int) -> bytes:
@@ -469,7 +508,7 @@ def test_pydicom_test_files_give_a_summary_or_a_bad_upload(path: str) -> None:
     if isinstance(result, Summary):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
             raw_id = ds.get_item("PatientID")
             if raw_id is not None and raw_id.VR == "UN" and isinstance(raw_id.value, bytes):
                 # Explicit VR UN is hashed as stored by Orthanc, padding included.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -19,12 +19,15 @@ from pydicom.uid import generate_uid
 
 from tests.dicom_samples import (
     CT_IMAGE_STORAGE,
+    EXPLICIT_BE,
     EXPLICIT_LE,
+    IMPLICIT_LE,
     encode_dataset,
     make_dataset,
     make_instance,
     part10,
 )
+from tests.support.archives import make_zip
 from tests.support.intake import Admin, IntakeProcess, Site, wait_until
 from tests.support.orthanc import OrthancProcess
 
@@ -313,3 +316,69 @@ def test_a_modality_longer_than_its_column_is_stored_on_both_backends(
     told = _stored(shared_intake, fresh_site, data)
     assert told["Status"] == "Success"
     _wait_in_orthanc(private_orthanc, told["ID"])
+
+
+def _bare(data: bytes) -> bytes:
+    """A Part 10 file's data set alone: no preamble, no DICM, no File Meta."""
+    return data[144 + struct.unpack("<L", data[140:144])[0] :]
+
+
+# Files Orthanc 1.10.1 stores although their Part 10 header is absent or disagrees with
+# the data set (pydicom's ExplVR_*NoMeta.dcm, rtstruct.dcm, rtplan.dcm, rtdose*.dcm).
+_SHAPES: dict[str, tuple[Callable[[dict[str, Any]], bytes], str]] = {
+    "bare-implicit-le": (lambda v: _bare(make_instance(IMPLICIT_LE, **v)), "no_part10_header"),
+    "bare-explicit-le": (lambda v: _bare(make_instance(EXPLICIT_LE, **v)), "no_part10_header"),
+    "bare-explicit-be": (lambda v: _bare(make_instance(EXPLICIT_BE, **v)), "no_part10_header"),
+    "meta-without-preamble": (lambda v: make_instance(IMPLICIT_LE, **v)[132:], "no_part10_header"),
+    "meta-names-another-instance": (
+        lambda v: make_instance(meta_instance=generate_uid(), **v),
+        "meta_mismatch",
+    ),
+    "meta-names-another-class": (
+        lambda v: make_instance(meta_class="1.2.840.10008.5.1.4.1.1.4", **v),
+        "meta_mismatch",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def reference_orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancProcess]:
+    """A plain Orthanc of this module's own: what Orthanc answers, apart from the archive."""
+    with OrthancProcess(tmp_path_factory.mktemp("reference"), name="reference") as orthanc:
+        yield orthanc
+
+
+@pytest.mark.parametrize("zipped", [False, True], ids=["raw", "zip"])
+@pytest.mark.parametrize("shape", sorted(_SHAPES))
+def test_files_without_or_against_their_part10_header_are_taken_as_orthanc_takes_them(
+    shared_intake: IntakeProcess,
+    fresh_site: Site,
+    fresh_admin: Admin,
+    private_orthanc: OrthancProcess,
+    reference_orthanc: OrthancProcess,
+    shape: str,
+    zipped: bool,
+) -> None:
+    """Orthanc's answer and IDs, the bytes forwarded as sent (a preamble zeroed), and the
+    row's warning; alone and as a ZIP entry."""
+    build, warning = _SHAPES[shape]
+    data = build(
+        {
+            "PatientID": f"PID-{uuid.uuid4().hex[:8]}",
+            "StudyInstanceUID": generate_uid(),
+            "SeriesInstanceUID": generate_uid(),
+            "SOPInstanceUID": generate_uid(),
+        }
+    )
+    body = make_zip([("IM0001", data)]) if zipped else data
+    direct = reference_orthanc.upload(body)
+    assert direct.status_code == 200, direct.text
+    told = _stored(shared_intake, fresh_site, body)
+    expected, answered = (direct.json()[0], told[0]) if zipped else (direct.json(), told)
+    keys = ("ID", "ParentPatient", "ParentStudy", "ParentSeries", "Status")
+    assert {k: answered[k] for k in keys} == {k: expected[k] for k in keys}
+    with shared_intake.admin_client(fresh_admin) as admin:
+        row = _forwarded_row(admin, fresh_site)
+    assert row["warnings"] == [warning]
+    stored = private_orthanc.instance_file(answered["ID"])
+    assert stored == (bytes(128) + data[128:] if data[128:132] == b"DICM" else data)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import struct
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -119,6 +120,9 @@ def test_a_folder_is_sent_and_every_file_is_accounted_for(
     """Nested folders are sent; the broken file shows the intake's reason; the rest is left out."""
     study = make_study(n_series=3, per_series=4)
     folder = _export_folder(tmp_path, study, per_series=4)
+    # One file as a bare data set (no preamble, DICM or File Meta), which Orthanc stores.
+    meta_end = 144 + struct.unpack("<L", study[-1][140:144])[0]
+    (folder / "PATIENT1" / "STUDY1" / "SERIES3" / "IM0011").write_bytes(study[-1][meta_end:])
     # DICM at offset 128, then the file stops inside the File Meta group.
     broken_whole = make_study(n_series=1, per_series=1)[0]
     broken = broken_whole[:300]

@@ -326,11 +326,16 @@
     if (state.skippedNames.length < SKIPPED_NAMES_LIMIT) state.skippedNames.push(path);
   }
 
-  async function hasDicmPrefix(file) {
-    if (file.size < 132) return false;
-    // Four bytes, not the whole file: a study can be gigabytes.
-    const bytes = new Uint8Array(await file.slice(128, 132).arrayBuffer());
-    return DICM.every((byte, i) => bytes[i] === byte);
+  async function looksLikeDicom(file) {
+    if (file.size < 8) return false;
+    // 132 bytes, not the whole file: a study can be gigabytes.
+    const bytes = new Uint8Array(await file.slice(0, 132).arrayBuffer());
+    if (bytes.length >= 132 && DICM.every((byte, i) => bytes[128 + i] === byte)) return true;
+    // A bare data set, as Orthanc takes one (docs/VALIDATION.md): it opens with group
+    // 0002 or 0008, little endian, or 0008 big endian.
+    const little = bytes[0] | (bytes[1] << 8);
+    const big = (bytes[0] << 8) | bytes[1];
+    return little === 0x0002 || little === 0x0008 || big === 0x0008;
   }
 
   async function scan({ file, path }) {
@@ -338,7 +343,7 @@
     if (file.name.toUpperCase() === 'DICOMDIR') { skip(path); return; }
     let dicom = false;
     try {
-      dicom = await hasDicmPrefix(file);
+      dicom = await looksLikeDicom(file);
     } catch {
       dicom = false; // unreadable (moved, no permission): left out like any non-DICOM file
     }
