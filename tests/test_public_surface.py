@@ -148,3 +148,26 @@ def test_health_lives_on_the_admin_listener(intake: IntakeProcess) -> None:
         "spool": True,
         "forwarder": True,
     }
+
+
+def test_the_front_page_points_to_the_upload_page_and_says_nothing_of_the_archive(
+    intake: IntakeProcess, private_orthanc: OrthancProcess
+) -> None:
+    """GET / on the public listener: a plain page to /upload, under the pages' CSP."""
+    answer = httpx.get(f"{intake.url}/")
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"].startswith("text/html")
+    assert "default-src 'none'" in answer.headers["content-security-policy"]
+    assert 'href="upload"' in answer.text
+    for secret in (private_orthanc.url, str(private_orthanc.port), private_orthanc.name):
+        assert secret not in answer.text
+    assert "1.10" not in answer.text  # no Orthanc version either
+
+
+def test_the_admin_listener_root_points_to_its_openapi_docs(intake: IntakeProcess) -> None:
+    """GET / on the admin listener names the OpenAPI description, which is really there."""
+    answer = httpx.get(f"{intake.admin_url}/")
+    assert answer.status_code == 200, answer.text
+    pointer = answer.json()
+    assert httpx.get(f"{intake.admin_url}{pointer['openapi']}").json()["info"]["title"]
+    assert httpx.get(f"{intake.admin_url}{pointer['docs']}").status_code == 200

@@ -63,16 +63,28 @@ def _load(name: str, media_type: str) -> _Asset:
     return _Asset(body, media_type, '"' + hashlib.sha256(body).hexdigest()[:32] + '"')
 
 
-@router.get("/upload")
-async def upload_page() -> Response:
-    """The page itself; never cached, so a new version and its CSP apply at once."""
-    page = _load("upload.html", "text/html; charset=utf-8")
+def _page(name: str) -> Response:
+    """A page; never cached, so a new version and its CSP apply at once."""
+    page = _load(name, "text/html; charset=utf-8")
     headers = {
         **_COMMON_HEADERS,
         "Content-Security-Policy": _CONTENT_SECURITY_POLICY,
         "Cache-Control": "no-store",
     }
     return Response(page.body, media_type=page.media_type, headers=headers)
+
+
+@router.get("/")
+async def front_page() -> Response:
+    """What a person who opens the service's URL sees: where to send files. Nothing about
+    the archive behind it."""
+    return _page("index.html")
+
+
+@router.get("/upload")
+async def upload_page() -> Response:
+    """The upload page."""
+    return _page("upload.html")
 
 
 @router.get("/upload/{name}")

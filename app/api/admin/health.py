@@ -33,6 +33,17 @@ class Readiness(BaseModel):
     failing: dict[str, str] = Field(description="Why each failing check failed")
 
 
+@router.get("/", include_in_schema=False)
+async def index() -> dict[str, str]:
+    """Where the admin API's description is: for whoever opens the listener's URL."""
+    return {
+        "service": "Orthanc Intake admin API",
+        "docs": "/docs",
+        "openapi": "/openapi.json",
+        "health": "/healthz",
+    }
+
+
 @router.get("/healthz")
 async def healthz() -> dict[str, str]:
     """The process is up."""
