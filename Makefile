@@ -1,28 +1,37 @@
 # The README's two commands are `make run` and `make test`; .ci/run calls `make test`.
+# Each installs what it needs and no more: `run` the runtime dependencies, `test` the
+# test extras and the Debian packages the suite runs for real as well.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+RUNTIME := $(VENV)/.installed-runtime
+TESTDEPS := $(VENV)/.installed-test
+# `make dev-orthanc DEV_ORTHANC_PORT=8043`: empty reuses the last port (8042 at first).
+DEV_ORTHANC_PORT ?=
 
 .PHONY: run test setup system-deps lint types pytest dev-orthanc clean
 
-run: setup  ## install, migrate and serve on the embedded defaults
+run: $(RUNTIME)  ## install the runtime, migrate and serve on the embedded defaults
 	$(BIN)/orthanc-intake migrate
 	$(BIN)/orthanc-intake serve
 
 test: setup system-deps lint types pytest  ## install everything, then lint, types and the suite
 
-setup: $(STAMP)
+setup: $(TESTDEPS)  ## the runtime and the test extras (pytest, ruff, mypy, playwright, ...)
 
-$(STAMP): pyproject.toml
+$(RUNTIME): pyproject.toml
 	$(PYTHON) scripts/check_python.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
 
-system-deps:  ## Debian packages the tests run for real (Orthanc, PostgreSQL)
+$(TESTDEPS): $(RUNTIME)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+system-deps:  ## Debian packages the tests run for real (Orthanc, PostgreSQL, PHP, Chromium)
 	bash scripts/system-deps.sh
 
 lint:
@@ -35,8 +44,9 @@ types:
 pytest:
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-dev-orthanc: setup system-deps  ## a local private Orthanc on 127.0.0.1:8042 for development
-	$(BIN)/python scripts/dev_orthanc.py
+dev-orthanc:  ## a private Orthanc for `make run`, answering 127.0.0.1 only (Debian's orthanc)
+	bash scripts/orthanc-deps.sh
+	$(PYTHON) scripts/dev_orthanc.py $(if $(DEV_ORTHANC_PORT),--port $(DEV_ORTHANC_PORT))
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import ssl
 import sys
 from collections.abc import Iterator
@@ -16,10 +17,13 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app import admins, logs, migrations, sites, uploader
 from app.db import make_engine, make_sessionmaker
+from app.migrations import Schema
 from app.settings import Settings
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -29,12 +33,17 @@ cli.add_typer(sites_cli, name="sites")
 cli.add_typer(admins_cli, name="admins")
 
 PEER_NAME = "intake"
+# Seconds a site's Orthanc gives one request (the peer's or the DICOMweb server's
+# `Timeout`, else its global HttpTimeout, 60 s): the whole upload of an instance over the
+# site's uplink (docs/DEPLOYMENT.md, "Site onboarding").
+PEER_TIMEOUT_SECONDS = 300
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
+log = logging.getLogger(__name__)
 
 
 def _settings() -> Settings:
     try:
-        return Settings()
+        return Settings.load()
     except (ValidationError, SettingsError) as exc:
         # hide_input_in_errors: the message names variables, never their values.
         typer.echo(f"error: invalid configuration: {exc}", err=True)
@@ -45,12 +54,60 @@ def _logging(settings: Settings) -> None:
     logs.configure(settings.log_level, settings.log_format)
 
 
+def _shown(url: str) -> str:
+    """The database URL as it may be printed: any password masked."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _announce(settings: Settings) -> None:
+    """Say, on stderr, which database an admin command works on, and from which settings."""
+    source = f" (settings from {settings.env_file} too)" if settings.env_file else ""
+    typer.echo(f"database: {_shown(settings.database_url)}{source}", err=True)
+
+
+def _schema_error(settings: Settings, schema: Schema) -> str:
+    """Why the command cannot use the database, and what to run."""
+    shown = _shown(settings.database_url)
+    if schema is Schema.OTHER:
+        return (
+            f"the database {shown} is not at this version's schema: run `orthanc-intake "
+            'migrate` (on upgrades, with the service stopped: docs/DEPLOYMENT.md "Upgrades")'
+        )
+    path = migrations.sqlite_file(settings.database_url)
+    where = f"there is no database at {path}" if path else f"the database {shown} has no schema"
+    return (
+        f"{where}. On a new installation, `orthanc-intake migrate` creates it; if the service "
+        "uses another database, give this command the service's settings: INTAKE_HOME (now "
+        f"{settings.home}), INTAKE_ENV_FILE or INTAKE_DATABASE_URL."
+    )
+
+
+def _schema(settings: Settings) -> Schema:
+    try:
+        return migrations.schema_of(settings.database_url)
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        typer.echo(
+            f"error: cannot open the database {_shown(settings.database_url)}: {reason}", err=True
+        )
+        raise typer.Exit(2) from None
+
+
+def _require_schema(settings: Settings) -> None:
+    """Refuse, exit 2, a database that does not exist or is not at the newest schema:
+    only `migrate` (and `serve`, with auto-migrate) creates or changes it."""
+    schema = _schema(settings)
+    if schema is not Schema.CURRENT:
+        typer.echo(f"error: {_schema_error(settings, schema)}", err=True)
+        raise typer.Exit(2)
+
+
 @contextlib.contextmanager
 def _session() -> Iterator[tuple[Settings, Session]]:
-    """A session on the configured database, migrated first; site errors exit 2."""
+    """A session on the configured, migrated database; site errors exit 2."""
     settings = _settings()
-    if settings.auto_migrate:
-        migrations.upgrade(settings.database_url)
+    _announce(settings)
+    _require_schema(settings)
     engine = make_engine(settings.database_url)
     try:
         with make_sessionmaker(engine)() as session:
@@ -88,20 +145,80 @@ def serve() -> None:
 
     settings = _settings()
     _logging(settings)
+    log.info(
+        "database %s, spool %s (home %s, env file %s)",
+        _shown(settings.database_url),
+        settings.spool_dir,
+        settings.home,
+        settings.env_file or "none",
+    )
+    try:
+        schema = migrations.schema_of(settings.database_url)
+    except SQLAlchemyError as exc:  # the service reports an unreachable database itself
+        log.warning("the database cannot be checked yet: %s", type(exc).__name__)
+    else:
+        if schema is Schema.MISSING and settings.auto_migrate:
+            log.info("no database schema yet: INTAKE_AUTO_MIGRATE creates it")
+        elif schema is not Schema.CURRENT and not settings.auto_migrate:
+            typer.echo(f"error: {_schema_error(settings, schema)}", err=True)
+            raise typer.Exit(2)
     run(settings)
 
 
 @cli.command()
 def migrate() -> None:
-    """Bring the database schema up to date."""
+    """Create the database, or bring its schema up to date."""
     settings = _settings()
     _logging(settings)
+    _announce(settings)
     migrations.upgrade(settings.database_url)
     typer.echo("database schema is up to date")
 
 
-def _print_new_token(settings: Settings, created: sites.NewToken, as_json: bool, verb: str) -> None:
+def _site_snippets(settings: Settings, created: sites.NewToken) -> dict[str, dict[str, Any]]:
+    """What a site pastes into its Orthanc: a peer (Basic or Bearer) and a DICOMweb server.
+
+    Both are Orthanc "web service" entries (OrthancPeers and the DICOMweb plugin's
+    DicomWeb.Servers take the same keys, `Timeout` per entry included); an
+    `Authorization` header in `HttpHeaders` replaces Basic. The plugin's STOW-RS client
+    posts to `{Url}studies`, which is the intake's `/dicom-web/studies`.
+    """
     peers = sites.orthanc_peers(settings.peer_url, created.site, created.token)
+    timeout = {"Timeout": PEER_TIMEOUT_SECONDS}
+    return {
+        "orthanc_peer": peers["basic"] | timeout,
+        "orthanc_peer_bearer": peers["bearer"] | timeout,
+        "dicomweb_server": {
+            "Url": f"{settings.peer_url}dicom-web/",
+            "HttpHeaders": {"Authorization": f"Bearer {created.token}"},
+        }
+        | timeout,
+    }
+
+
+def _url_warnings(settings: Settings) -> list[str]:
+    """What is wrong with the URL the snippets carry, for a remote site."""
+    url = settings.peer_url
+    if not settings.public_url:
+        return [
+            f"INTAKE_PUBLIC_URL is unset, so the snippets carry {url}, this host's own "
+            "listener, which a remote site cannot use: put the address sites reach (e.g. "
+            "https://intake.example.org/) in their Url, and set INTAKE_PUBLIC_URL to it for "
+            "the next sites."
+        ]
+    if url.startswith("http://"):
+        return [
+            f"{url} is plain HTTP: the token would cross the network in clear. Give sites "
+            "an https:// URL (TLS on the intake or on a reverse proxy, docs/DEPLOYMENT.md)."
+        ]
+    return []
+
+
+def _print_new_token(settings: Settings, created: sites.NewToken, as_json: bool, verb: str) -> None:
+    snippets = _site_snippets(settings, created)
+    warnings = _url_warnings(settings)
+    for warning in warnings:
+        typer.echo(f"warning: {warning}", err=True)
     if as_json:
         _print_json(
             {
@@ -109,8 +226,8 @@ def _print_new_token(settings: Settings, created: sites.NewToken, as_json: bool,
                 "token": created.token,
                 "token_id": created.token_id,
                 "expires_at": created.expires_at,
-                "orthanc_peer": peers["basic"],
-                "orthanc_peer_bearer": peers["bearer"],
+                **snippets,
+                "warnings": warnings,
             }
         )
         return
@@ -119,16 +236,31 @@ def _print_new_token(settings: Settings, created: sites.NewToken, as_json: bool,
     if created.expires_at:
         typer.echo(f"It expires at {created.expires_at.isoformat()}.")
     typer.echo("")
-    typer.echo("Paste into the site's Orthanc configuration (HTTP Basic):")
-    typer.echo(json.dumps({"OrthancPeers": {PEER_NAME: peers["basic"]}}, indent=2))
+    typer.echo("A site Orthanc sending as a peer: paste into its configuration (HTTP Basic):")
+    typer.echo(json.dumps({"OrthancPeers": {PEER_NAME: snippets["orthanc_peer"]}}, indent=2))
     typer.echo("")
     typer.echo("or, as a Bearer header:")
-    typer.echo(json.dumps({"OrthancPeers": {PEER_NAME: peers["bearer"]}}, indent=2))
+    typer.echo(json.dumps({"OrthancPeers": {PEER_NAME: snippets["orthanc_peer_bearer"]}}, indent=2))
     typer.echo("")
     typer.echo(
-        'Orthanc 1.10-1.12.5 senders: set "HttpsCACertificates" to a CA bundle '
-        "(e.g. /etc/ssl/certs/ca-certificates.crt) or HTTPS peers fail with curl error 77."
+        'A site Orthanc sending with STOW-RS (DICOMweb plugin): add to "Servers" in its '
+        '"DicomWeb" section (Debian: /etc/orthanc/dicomweb.json):'
     )
+    typer.echo(
+        json.dumps({"DicomWeb": {"Servers": {PEER_NAME: snippets["dicomweb_server"]}}}, indent=2)
+    )
+    typer.echo("")
+    typer.echo(
+        f'"Timeout" is seconds per request: raise it if the site\'s largest instance takes '
+        f"longer than {PEER_TIMEOUT_SECONDS} s over its uplink. To send a study, on the site's "
+        f"Orthanc: POST /peers/{PEER_NAME}/store or POST /dicom-web/servers/{PEER_NAME}/stow "
+        'with {"Resources": ["<study ID>"]}.'
+    )
+    if settings.peer_url.startswith("https://"):
+        typer.echo(
+            'Orthanc 1.10-1.12.5 senders: set "HttpsCACertificates" to a CA bundle '
+            "(e.g. /etc/ssl/certs/ca-certificates.crt) or HTTPS peers fail with curl error 77."
+        )
 
 
 def _lifetime(settings: Settings) -> timedelta:

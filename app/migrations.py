@@ -9,10 +9,12 @@ alembic's modules for the rest of its life.
 from __future__ import annotations
 
 import ast
+import enum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, create_engine, inspect, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
@@ -99,6 +101,52 @@ def is_current(url: str) -> bool:
         return False  # e.g. no database file yet: alembic creates it, or says what is wrong
     finally:
         engine.dispose()
+
+
+class Schema(enum.Enum):
+    """What a database holds, as far as the intake is concerned."""
+
+    MISSING = "missing"  # no SQLite file, or no intake schema in the database
+    CURRENT = "current"  # the newest revision: ready to use
+    OTHER = "other"  # another revision (older: `migrate`; or newer than this code)
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL (None for another backend, memory, or a ``file:`` URI)."""
+    parsed = make_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    return None if database.startswith("file:") else Path(database)
+
+
+def schema_of(url: str) -> Schema:
+    """What the database at ``url`` holds, without creating anything: a missing SQLite
+    file is not opened (opening it would create it). ``SQLAlchemyError`` when the
+    database cannot be reached (PostgreSQL down, a wrong password, not a database)."""
+    path = sqlite_file(url)
+    if path is not None and not path.is_file():
+        return Schema.MISSING
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            if not inspect(conn).has_table("alembic_version"):
+                return Schema.MISSING
+            found = set(conn.execute(text("SELECT version_num FROM alembic_version")).scalars())
+    finally:
+        engine.dispose()
+    if not found:
+        return Schema.MISSING
+    return Schema.CURRENT if found == _heads() else Schema.OTHER
+
+
+def _heads() -> set[str]:
+    head = head_revision()
+    if head is not None:
+        return {head}
+    from alembic.script import ScriptDirectory  # only when the versions are not plain
+
+    return set(ScriptDirectory.from_config(alembic_config("")).get_heads())
 
 
 # Any constant: the key of the PostgreSQL advisory lock that serialises migrations.

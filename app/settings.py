@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -23,11 +26,59 @@ from pydantic_settings import (
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from app.secret_files import SecretFiles
 
 MiB = 1024 * 1024
+
+# The folder holding app/ and alembic/: the service always runs from its source tree
+# (app/migrations.py). Its var/ is where `make run` has always kept its state.
+DEFAULT_HOME = Path(__file__).resolve().parent.parent / "var"
+ENV_FILE_NAME = "intake.env"
+_SQLITE_URL = re.compile(r"(?P<scheme>sqlite(?:\+\w+)?:///)(?P<path>[^?]*)(?P<query>\?.*)?", re.S)
+
+
+def _variable(environ: Mapping[str, str], name: str) -> str | None:
+    """``name`` in ``environ``, in any case, as pydantic-settings reads variables."""
+    if name in environ:
+        return environ[name]
+    return next((v for k, v in environ.items() if k.upper() == name), None)
+
+
+def home_of(environ: Mapping[str, str]) -> Path:
+    """The home folder that ``environ`` names (``INTAKE_HOME``), absolute."""
+    named = _variable(environ, "INTAKE_HOME")
+    return Path(named).resolve() if named else DEFAULT_HOME
+
+
+def env_file_of(environ: Mapping[str, str]) -> Path | None:
+    """The env file the service and the commands read: ``INTAKE_ENV_FILE`` (which must
+    exist; empty for none), else ``intake.env`` in the home folder when it is there."""
+    named = _variable(environ, "INTAKE_ENV_FILE")
+    if named is not None:
+        if not named:
+            return None
+        path = Path(named).resolve()
+        if not path.is_file():
+            raise SettingsError(f"INTAKE_ENV_FILE names {str(path)!r}, which is not a file")
+        return path
+    path = home_of(environ) / ENV_FILE_NAME
+    return path if path.is_file() else None
+
+
+def _anchored_sqlite(url: str, home: Path) -> str:
+    """``url`` with a relative SQLite path made absolute under ``home``."""
+    match = _SQLITE_URL.fullmatch(url)
+    if match is None:
+        return url
+    path = match["path"]
+    if not path or path.startswith(("/", "file:")) or path == ":memory:":
+        return url
+    return f"{match['scheme']}{home / path}{match['query'] or ''}"
 
 
 class Group(enum.StrEnum):
@@ -95,17 +146,40 @@ class Settings(BaseSettings):
         json_schema_extra=_group(Group.ORTHANC),
     )
 
+    # Where the state and the env file are: env_file_of reads these before the rest.
+    home: Path | None = Field(
+        default=None,
+        description="The service's home folder: a relative SQLite path in "
+        "`INTAKE_DATABASE_URL` and a relative `INTAKE_SPOOL_DIR` are taken from it, never "
+        "from the current folder, so the service and every command run from anywhere use "
+        "the same database; `intake.env` there is read too (`INTAKE_ENV_FILE`). Unset: the "
+        "`var` folder of the installation (beside `app/`; in a checkout, the `./var` that "
+        "`make run` uses).",
+        json_schema_extra=_group(Group.STORAGE),
+    )
+    env_file: Path | None = Field(
+        default=None,
+        description="A file of `INTAKE_…=value` lines that the service and every command "
+        "read; a variable in the environment wins over the same one in the file, and "
+        "`INTAKE_…_FILE` secrets work there too. Unset: `intake.env` in `INTAKE_HOME`, when "
+        "it exists; empty: no file. Only the environment can set this (and the "
+        "`INTAKE_HOME` that finds `intake.env`).",
+        json_schema_extra=_group(Group.STORAGE),
+    )
     database_url: str = Field(
-        default="sqlite:///./var/intake.db",
+        default="sqlite:///intake.db",
         description="SQLAlchemy URL of the database that holds sites, tokens, the intake "
-        "log and the forwarding queue: SQLite, or PostgreSQL as "
-        "`postgresql+psycopg://user:pass@host/db`.",
+        "log and the forwarding queue: SQLite (a relative path is under `INTAKE_HOME`), or "
+        "PostgreSQL as `postgresql+psycopg://user:pass@host/db`. Only `orthanc-intake "
+        "migrate` (and `serve`, with `INTAKE_AUTO_MIGRATE`) creates it; the other commands "
+        "refuse a database that does not exist.",
         json_schema_extra=_group(Group.STORAGE),
     )
     spool_dir: Path = Field(
-        default=Path("./var/spool"),
+        default=Path("spool"),
         description="Directory where received files wait, fsynced, until the private "
-        "Orthanc has them; quarantined files stay there for an admin.",
+        "Orthanc has them; quarantined files stay there for an admin. A relative path is "
+        "under `INTAKE_HOME`.",
         json_schema_extra=_group(Group.STORAGE),
     )
     node_name: str = Field(
@@ -127,8 +201,10 @@ class Settings(BaseSettings):
     )
     auto_migrate: bool = Field(
         default=True,
-        description="Whether `serve` and the other commands first bring the database schema "
-        "up to date; turn it off when `orthanc-intake migrate` is run separately.",
+        description="Whether `serve` first creates the database schema or brings it up to "
+        "date; turn it off when `orthanc-intake migrate` is run separately (`serve` then "
+        "refuses a database that is not up to date). The other commands never change the "
+        "schema: they ask for `migrate`.",
         json_schema_extra=_group(Group.STORAGE),
     )
 
@@ -584,6 +660,37 @@ class Settings(BaseSettings):
         ]
         secret_files = SecretFiles(settings_cls, environments)
         return init_settings, env_settings, dotenv_settings, secret_files, file_secret_settings
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """The settings of the service and of every command: the environment, then the env
+        file (``INTAKE_ENV_FILE``, or ``intake.env`` in ``INTAKE_HOME``), then defaults."""
+        env_file = env_file_of(os.environ if environ is None else environ)
+        return cls(_env_file=env_file, env_file=env_file)
+
+    @field_validator("database_url")
+    @classmethod
+    def _a_database_url(cls, value: str) -> str:
+        try:
+            make_url(value)
+        except ArgumentError:
+            raise ValueError("not a SQLAlchemy URL, e.g. sqlite:///intake.db") from None
+        return value
+
+    @field_validator("home", "env_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _anchor_storage(self) -> Settings:
+        """Relative storage paths are under the home folder, whatever the current folder:
+        the processes the service starts get them absolute, already resolved."""
+        home = self.home.resolve() if self.home is not None else DEFAULT_HOME
+        self.home = home
+        self.spool_dir = home / self.spool_dir
+        self.database_url = _anchored_sqlite(self.database_url, home)
+        return self
 
     @field_validator(
         "trusted_proxies",

@@ -119,6 +119,14 @@ def _intro() -> list[str]:
         " value stops the service at start-up with a message that names the setting and"
         " never repeats the value.",
         "",
+        f"The same variables can be written, one `{PREFIX}…=value` a line, in an env file that"
+        f" the service and every `orthanc-intake` command read: `{variable('env_file')}`, by"
+        f" default `intake.env` in `{variable('home')}` when it exists. A variable in the"
+        f" environment wins over the file's. Relative storage paths are taken from"
+        f" `{variable('home')}`, never from the current folder, so a command run from any"
+        " folder uses the service's database; every admin command names the database it"
+        " uses (on standard error, without its password), and only `migrate` creates one.",
+        "",
         "- **Units are in the names**: `_BYTES` in bytes, `_SECONDS` in seconds (fractions"
         " allowed), `_DAYS` in days. The tables show sizes in MiB or GiB; give the variable"
         " in bytes (2 GiB is `2147483648`).",

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from app.secret_files import is_secret
-from app.settings import Group, Settings, group_of
+from app.settings import DEFAULT_HOME, Group, Settings, env_file_of, group_of
 from tests.support.intake import ROOT
 
 REGENERATE = ".venv/bin/python scripts/config_docs.py --write"
@@ -229,3 +229,104 @@ def test_hand_written_tables_name_only_real_settings(document: str, heading: str
         and _variable(name.upper().removeprefix("INTAKE_")) not in secrets
     ]
     assert unknown == [], f"{document} documents settings that do not exist"
+
+
+def test_the_default_home_is_the_installations_var_folder() -> None:
+    """What `make run` in a checkout has always used: ./var/intake.db and ./var/spool."""
+    settings = Settings(_env_file=None)
+    assert DEFAULT_HOME == ROOT / "var"
+    assert settings.home == DEFAULT_HOME
+    assert settings.database_url == f"sqlite:///{ROOT / 'var' / 'intake.db'}"
+    assert settings.spool_dir == ROOT / "var" / "spool"
+
+
+@pytest.mark.parametrize(
+    ("database_url", "spool_dir", "expected_url", "expected_spool"),
+    [
+        ("sqlite:///intake.db", "spool", "sqlite:///{home}/intake.db", "{home}/spool"),
+        ("sqlite:///./a/b.db?timeout=5", "./s", "sqlite:///{home}/a/b.db?timeout=5", "{home}/s"),
+        ("sqlite+pysqlite:///x.db", "s", "sqlite+pysqlite:///{home}/x.db", "{home}/s"),
+        ("sqlite:////srv/intake.db", "/srv/spool", "sqlite:////srv/intake.db", "/srv/spool"),
+        ("sqlite:///:memory:", "/srv/spool", "sqlite:///:memory:", "/srv/spool"),
+        (
+            "postgresql+psycopg://u:p@db/intake",
+            "spool",
+            "postgresql+psycopg://u:p@db/intake",
+            "{home}/spool",
+        ),
+    ],
+)
+def test_relative_storage_paths_are_under_the_home(
+    database_url: str,
+    spool_dir: str,
+    expected_url: str,
+    expected_spool: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Never the current folder: a command run from elsewhere finds the same files."""
+    monkeypatch.chdir("/")
+    monkeypatch.setenv("INTAKE_HOME", str(tmp_path))
+    monkeypatch.setenv("INTAKE_DATABASE_URL", database_url)
+    monkeypatch.setenv("INTAKE_SPOOL_DIR", spool_dir)
+    settings = Settings(_env_file=None)
+    assert settings.database_url == expected_url.format(home=tmp_path)
+    assert settings.spool_dir == Path(expected_spool.format(home=tmp_path))
+
+
+def test_a_relative_home_is_resolved_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("INTAKE_HOME", "state")
+    settings = Settings(_env_file=None)
+    assert settings.home == tmp_path / "state"
+    assert settings.spool_dir == tmp_path / "state" / "spool"
+
+
+def test_the_env_file_in_home_is_read_after_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "intake.env").write_text(
+        "INTAKE_PUBLIC_URL=https://file.example.org/\nINTAKE_AUTH_MAX_FAILURES=3\n"
+    )
+    monkeypatch.setenv("INTAKE_HOME", str(tmp_path))
+    monkeypatch.setenv("INTAKE_AUTH_MAX_FAILURES", "7")
+    settings = Settings.load()
+    assert settings.env_file == tmp_path / "intake.env"
+    assert settings.public_url == "https://file.example.org/"
+    assert settings.auth_max_failures == 7
+
+
+def test_the_env_file_may_carry_secret_file_variables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = _secret_file(tmp_path, SECRET + "\n")
+    (tmp_path / "intake.env").write_text(f"INTAKE_ORTHANC_PASSWORD_FILE={secret}\n")
+    monkeypatch.setenv("INTAKE_HOME", str(tmp_path))
+    password = Settings.load().orthanc_password
+    assert password is not None
+    assert password.get_secret_value() == SECRET
+
+
+def test_an_env_file_can_be_named_or_turned_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "intake.env").write_text("INTAKE_LOG_LEVEL=DEBUG\n")
+    named = _secret_file(tmp_path, "INTAKE_LOG_LEVEL=WARNING\n", "other.env")
+    environ = {"INTAKE_HOME": str(tmp_path)}
+    assert env_file_of(environ) == tmp_path / "intake.env"
+    assert env_file_of(environ | {"INTAKE_ENV_FILE": str(named)}) == named
+    assert env_file_of(environ | {"INTAKE_ENV_FILE": ""}) is None
+    assert env_file_of({"INTAKE_HOME": str(tmp_path / "nothing-here")}) is None
+    with pytest.raises(SettingsError, match="INTAKE_ENV_FILE"):
+        env_file_of({"INTAKE_ENV_FILE": str(tmp_path / "missing.env")})
+    monkeypatch.setenv("INTAKE_HOME", str(tmp_path))
+    monkeypatch.setenv("INTAKE_ENV_FILE", str(named))
+    assert Settings.load().log_level == "WARNING"
+
+
+def test_a_database_url_that_does_not_parse_is_refused_without_echoing_it() -> None:
+    """deploy/compose.yml's placeholder, seen by `docker compose exec`: a settings error."""
+    with pytest.raises(ValidationError) as caught:
+        Settings(_env_file=None, database_url="built-at-start-from-the-postgres-secret")
+    assert "database_url" in str(caught.value)
+    assert "postgres-secret" not in str(caught.value)

@@ -79,6 +79,8 @@ class IntakeProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("INTAKE_")}
         env.update(
             {
+                # A home of its own: a developer's var/intake.env never reaches a test.
+                "INTAKE_HOME": str(self.workdir),
                 "INTAKE_DATABASE_URL": self.database_url,
                 "INTAKE_SPOOL_DIR": str(self.spool),
                 "INTAKE_PUBLIC_HOST": "127.0.0.1",
@@ -121,7 +123,7 @@ class IntakeProcess:
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
-        """A session on this intake's database, migrated first (as every CLI command does)."""
+        """A session on this intake's database, migrated first (as `serve` does)."""
         migrations.upgrade(self.database_url)
         engine = make_engine(self.database_url)
         try:
