@@ -565,6 +565,10 @@ def upload(
     no_progress: Annotated[
         bool, typer.Option("--no-progress", help="No progress bar (none when not on a terminal).")
     ] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", "-v", help="Also show the raw error behind a failed connection."),
+    ] = False,
 ) -> None:
     """Send DICOM files to an intake, for a site without an Orthanc.
 
@@ -572,8 +576,10 @@ def upload(
     DICOMDIR indexes are skipped. ZIP archives are sent whole. Transient failures (lost
     connections, timeouts, 408, 429, 502, 503, 504, 507) are retried with back-off,
     honouring Retry-After up to 60 s. Exit status: 0 when everything was accepted, a
-    duplicate or skipped; 1 when something was rejected, quarantined or failed; 2 for a
-    usage error; 3 when the site name or token was refused.
+    duplicate or skipped; 1 when something was rejected, quarantined or failed, or the
+    intake could not be reached; 2 for a usage error; 3 when the site name or token was
+    refused; 130 after Ctrl-C (the summary says what was taken; running the command again
+    sends every file again, and the intake answers those it took as duplicates).
     """
     try:
         uploader.instances_url(url)
@@ -593,16 +599,12 @@ def upload(
         )
     except ssl.SSLError as exc:  # only loading --cacert raises it; TLS failures are reported
         raise typer.BadParameter(f"not a PEM certificate: {exc}", param_hint="--cacert") from exc
-    if report.auth_error is not None:
-        typer.echo(
-            f"error: authentication failed for site {site!r}: {report.auth_error}. "
-            "Check --site and the token; nothing more was sent.",
-            err=True,
-        )
+    if (error := report.message(verbose)) is not None:
+        typer.echo(error, err=True)
     if as_json:
         typer.echo(json.dumps(report.as_json(), indent=2))
-    else:
-        typer.echo(report.summary())
+    elif summary := report.summary(verbose):
+        typer.echo(summary)
     raise typer.Exit(report.exit_code)
 
 

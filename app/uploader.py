@@ -1,20 +1,23 @@
 """The site-side client: send files, folders and ZIP archives to an intake's ``POST /instances``.
 
 It is what a site without an Orthanc runs (``orthanc-intake upload``). It speaks only
-Orthanc's upload API, so it works against a plain Orthanc too.
+Orthanc's upload API, so it works against a plain Orthanc too. What a run comes to, and
+how it is said, is ``app/upload_report.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import signal
 import ssl
 import stat
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,11 @@ import httpx
 from rich import progress as bars
 from rich.console import Console
 
-DICM_OFFSET = 128  # PS3.10 §7.1: a 128-byte preamble, then the four bytes "DICM"
+from app.dicom import PREAMBLE_BYTES, bare_data_set_order, is_part10
+from app.upload_report import Problem, Report, Unreached, explain, files
+
+__all__ = ["Item", "Problem", "Report", "collect", "instances_url", "retry_delay", "upload"]
+
 ZIP_MAGIC = b"PK\x03\x04"  # a ZIP local file header (APPNOTE.TXT §4.3.7)
 DICOM_TYPE = "application/dicom"  # PS3.18 §8.7.3.3.2
 ZIP_TYPE = "application/zip"
@@ -31,7 +38,6 @@ TRANSIENT_STATUSES = frozenset({408, 429, 502, 503, 504, 507})
 # of the command sleeping until midnight.
 MAX_WAIT_SECONDS = 60.0
 _CHUNK_BYTES = 1 << 16
-_COUNTED = ("accepted", "duplicates", "quarantined", "rejected", "skipped", "failed")
 
 
 @dataclass(frozen=True)
@@ -41,66 +47,6 @@ class Item:
     path: Path
     size: int
     content_type: str
-
-
-@dataclass(frozen=True)
-class Problem:
-    """A file (or ZIP entry) that was rejected, skipped or not delivered, and why."""
-
-    path: str
-    status: int | None
-    reason: str
-    detail: str = ""
-
-
-@dataclass
-class Report:
-    """What became of a run; ``files`` and ``bytes`` count the files the server answered."""
-
-    accepted: int = 0
-    duplicates: int = 0
-    quarantined: int = 0
-    rejected: list[Problem] = field(default_factory=list)
-    skipped: list[Problem] = field(default_factory=list)
-    failed: list[Problem] = field(default_factory=list)
-    not_sent: int = 0
-    files: int = 0
-    bytes: int = 0
-    seconds: float = 0.0
-    retries: int = 0
-    auth_error: str | None = None
-
-    @property
-    def exit_code(self) -> int:
-        if self.auth_error is not None:
-            return 3
-        # A quarantined file (same SOP Instance UID, other bytes) needs a person too.
-        trouble = self.quarantined or self.rejected or self.failed or self.not_sent
-        return 1 if trouble else 0
-
-    def as_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["seconds"] = round(self.seconds, 3)
-        data["error"] = data.pop("auth_error")
-        return data
-
-    def summary(self) -> str:
-        lines = [f"Sent {self.files} file(s), {self.bytes} bytes, in {self.seconds:.1f} s."]
-        for name in (*_COUNTED, "not_sent", "retries"):
-            value = getattr(self, name)
-            count = len(value) if isinstance(value, list) else value
-            lines.append(f"  {name.replace('_', ' ') + ':':<13}{count}")
-        for name in ("rejected", "failed", "skipped"):
-            problems: list[Problem] = getattr(self, name)
-            if problems:
-                lines += [f"{name.capitalize()}:", *(f"  {_describe(p)}" for p in problems)]
-        return "\n".join(lines)
-
-
-def _describe(problem: Problem) -> str:
-    status = f" ({problem.status})" if problem.status is not None else ""
-    detail = f": {problem.detail}" if problem.detail else ""
-    return f"{problem.path}: {problem.reason}{status}{detail}"
 
 
 def instances_url(url: str) -> httpx.URL:
@@ -115,19 +61,21 @@ def instances_url(url: str) -> httpx.URL:
 
 
 def sniff(path: Path) -> str | None:
-    """The Content-Type to send ``path`` with, from its first 132 bytes; None if neither."""
+    """The Content-Type to send ``path`` with, from its first 132 bytes; None if neither.
+
+    DICOM is a Part 10 file or a bare data set, as the intake and Orthanc take them."""
     with path.open("rb") as f:
-        head = f.read(DICM_OFFSET + 4)
+        head = f.read(PREAMBLE_BYTES + 4)
     if head.startswith(ZIP_MAGIC):
         return ZIP_TYPE
-    return DICOM_TYPE if head[DICM_OFFSET:] == b"DICM" else None
+    return DICOM_TYPE if is_part10(head) or bare_data_set_order(head) else None
 
 
 def collect(paths: Iterable[Path], report: Report) -> list[Item]:
     """The files to send, folders walked in sorted order; what is left out goes to ``report``.
 
     A file named on the command line is sent as given (the server judges it); inside a
-    folder, only DICOM Part 10 files and ZIP archives are sent.
+    folder, only DICOM files (Part 10, or a bare data set) and ZIP archives are sent.
     """
     items: list[Item] = []
     for given in paths:
@@ -157,7 +105,11 @@ def _in_folder(path: Path) -> Item | str:
         kind = sniff(path)
     except OSError as exc:
         return f"unreadable ({exc.strerror})"
-    return Item(path, info.st_size, kind) if kind else "not DICOM (no DICM at byte 128)"
+    return (
+        Item(path, info.st_size, kind)
+        if kind
+        else "not DICOM (no DICM at byte 128, no data set at byte 0)"
+    )
 
 
 def retry_delay(attempt: int, retry_after: float | None, base: float = 1.0) -> float:
@@ -183,72 +135,133 @@ def _json(response: httpx.Response) -> Any:
         return None
 
 
+class _Stopped(Exception):
+    """Raised from a body being streamed when the run stops: the request is abandoned."""
+
+
+@dataclass(eq=False)
+class _Body:
+    """One attempt's request body, streamed from disk, and how far it has gone."""
+
+    item: Item
+    sender: _Sender
+    sent: int = 0
+    complete: bool = False  # every byte handed over: only the answer is awaited
+
+    def __iter__(self) -> Iterator[bytes]:
+        # Streamed: a multi-gigabyte series never sits in memory.
+        with self.item.path.open("rb") as f:
+            while chunk := f.read(_CHUNK_BYTES):
+                if self.sender.stopped.is_set():
+                    raise _Stopped  # Ctrl-C: a large file must not hold the run up
+                self.sent += len(chunk)
+                self.sender.bar.advance(self.sender.task, len(chunk))
+                yield chunk
+        self.complete = True
+
+
 @dataclass
 class _Sender:
-    """Sends items over one client; the worker threads share it, so counts take the lock."""
+    """Sends items over one client; the worker threads share it, so counts take the lock.
+
+    Every item ends taken (``report.files``), rejected, failed, or not at all: those are
+    counted in ``settled``, and what is left when the run ends was not sent.
+    """
 
     client: httpx.Client
     endpoint: httpx.URL
+    url: str  # as given, for messages
+    site: str
+    timeout: float
     report: Report
     bar: bars.Progress
     task: bars.TaskID
     retries: int
     backoff: float
+    settled: int = 0
+    bodies: set[_Body] = field(default_factory=set)  # the requests on their way
     lock: threading.Lock = field(default_factory=threading.Lock)
     stopped: threading.Event = field(default_factory=threading.Event)
 
-    def send(self, item: Item) -> bool:
-        """Send ``item`` until it gets a final answer; False if the server was never reached."""
+    def awaiting(self) -> int:
+        """Requests whose body is all sent, waiting for the intake's answer."""
+        with self.lock:
+            return sum(body.complete for body in self.bodies)
+
+    def send(self, item: Item) -> Unreached | None:
+        """Send ``item`` until it gets a final answer; why not, if the intake was never reached."""
         for attempt in range(self.retries + 1):
             if self.stopped.is_set():
-                with self.lock:
-                    self.report.not_sent += 1
-                return True
-            sent = [0]
+                return None
+            body, unreached = _Body(item, self), None
             try:
-                response = self.client.post(
-                    self.endpoint,
-                    content=self._chunks(item, sent),
-                    headers={"Content-Type": item.content_type, "Content-Length": str(item.size)},
-                )
+                response = self._post(body)
+            except _Stopped:
+                self.bar.advance(self.task, -body.sent)
+                return None
             except httpx.TransportError as exc:
-                retry_after = None
-                failure = Problem(str(item.path), None, type(exc).__name__, str(exc))
+                retry_after, unreached = None, explain(exc, self.url, self.timeout)
+                failure = Problem(
+                    str(item.path), None, unreached.reason, unreached.raw, body.sent, item.size
+                )
             else:
                 if response.status_code not in TRANSIENT_STATUSES:
-                    self._finish(item, response)
-                    return True
-                retry_after, failure = _retry_after(response), _problem(item, response)
-            self.bar.advance(self.task, -sent[0])  # those bytes will be sent again
-            if attempt == self.retries:
+                    self._finish(item, response, body.sent)
+                    return None
+                retry_after, failure = _retry_after(response), _problem(item, response, body.sent)
+            self.bar.advance(self.task, -body.sent)  # those bytes will be sent again
+            if attempt == self.retries or (unreached is not None and not unreached.transient):
                 break
             with self.lock:
                 self.report.retries += 1
             self.stopped.wait(retry_delay(attempt, retry_after, self.backoff))
+        if self.stopped.is_set():
+            return None  # not a failure of its own: Ctrl-C or a refused token ended the wait
         with self.lock:
             self.report.failed.append(failure)
-            self.bar.update(self.task, done=self.report.files + len(self.report.failed))
-        return failure.status is not None
+            self._settle()
+        return unreached
 
-    def _chunks(self, item: Item, sent: list[int]) -> Iterator[bytes]:
-        # Streamed: a multi-gigabyte series never sits in memory.
-        with item.path.open("rb") as f:
-            while chunk := f.read(_CHUNK_BYTES):
-                sent[0] += len(chunk)
-                self.bar.advance(self.task, len(chunk))
-                yield chunk
+    def _post(self, body: _Body) -> httpx.Response:
+        with self.lock:
+            self.bodies.add(body)
+        try:
+            return self.client.post(
+                self.endpoint,
+                content=body,
+                headers={
+                    "Content-Type": body.item.content_type,
+                    "Content-Length": str(body.item.size),
+                },
+            )
+        finally:
+            with self.lock:
+                self.bodies.discard(body)
 
-    def _finish(self, item: Item, response: httpx.Response) -> None:
+    def _settle(self) -> None:
+        self.settled += 1
+        self.bar.update(self.task, done=self.settled)
+
+    def _finish(self, item: Item, response: httpx.Response, sent: int) -> None:
         body = _json(response)
         with self.lock:
-            self.report.files += 1
-            self.report.bytes += item.size
-            self.bar.update(self.task, done=self.report.files + len(self.report.failed))
             if response.status_code == 401:
+                # Every further file would be refused the same way: stop, and count this
+                # one as not sent (it was not taken).
                 detail = body.get("Details", "") if isinstance(body, dict) else ""
-                self.report.auth_error = detail or "the server refused the site name or token"
-                self.stopped.set()  # every further file would be refused the same way
-            elif response.status_code == 200 and isinstance(body, list):
+                self.report.stopped = "token"
+                self.report.error = (
+                    f"the intake refused the token for site {self.site!r} "
+                    f"(401: {detail or 'unknown site or token'}): "
+                    "check --token (or INTAKE_UPLOAD_TOKEN) and --site"
+                )
+                self.stopped.set()
+                return
+            self._settle()
+            if response.status_code == 200 and isinstance(body, list | dict):
+                self.report.files += 1
+                self.report.bytes += item.size
+            if response.status_code == 200 and isinstance(body, list):
                 # A ZIP: one answer per DICOM entry, in archive order.
                 for n, answer in enumerate(body, 1):
                     entry = answer.get("IntakeEntry") if isinstance(answer, dict) else None
@@ -256,9 +269,9 @@ class _Sender:
             elif response.status_code == 200 and isinstance(body, dict):
                 self._count(str(item.path), body)
             elif 400 <= response.status_code < 500:
-                self.report.rejected.append(_problem(item, response))
+                self.report.rejected.append(_problem(item, response, sent))
             else:  # the server's fault, not the file's: a 500, or a 200 that is not JSON
-                self.report.failed.append(_problem(item, response))
+                self.report.failed.append(_problem(item, response, sent))
 
     def _count(self, label: str, answer: Any) -> None:
         answer = answer if isinstance(answer, dict) else {}
@@ -268,7 +281,10 @@ class _Sender:
         elif state == "duplicate" or (state is None and status == "AlreadyStored"):
             self.report.duplicates += 1
         elif status in ("Success", "AlreadyStored"):
+            # The intake answers once the file is durable, before it forwards it: "queued"
+            # (docs/UPLOADS.md). A plain Orthanc says no state: it has stored the file.
             self.report.accepted += 1
+            self.report.stored += state is None
         else:
             code = answer.get("HttpStatus", 200)
             reason = str(answer.get("IntakeReason") or status or "unexpected answer")
@@ -278,15 +294,14 @@ class _Sender:
             (self.report.failed if failed else self.report.rejected).append(problem)
 
 
-def _problem(item: Item, response: httpx.Response) -> Problem:
+def _problem(item: Item, response: httpx.Response, sent: int) -> Problem:
     body = _json(response)
+    path, status = str(item.path), response.status_code
     if isinstance(body, dict):
         reason = str(body.get("Message") or response.reason_phrase)
-        return Problem(str(item.path), response.status_code, reason, str(body.get("Details", "")))
+        return Problem(path, status, reason, str(body.get("Details", "")), sent, item.size)
     # Not the intake's answer (a proxy's HTML page, say): a little of it helps more than none.
-    return Problem(
-        str(item.path), response.status_code, response.reason_phrase, response.text[:200]
-    )
+    return Problem(path, status, response.reason_phrase, response.text[:200], sent, item.size)
 
 
 def upload(
@@ -303,45 +318,95 @@ def upload(
     backoff: float = 1.0,
     transport: httpx.BaseTransport | None = None,
 ) -> Report:
-    """Send every DICOM file and ZIP archive under ``paths``; never raises for a server's no."""
+    """Send every DICOM file and ZIP archive under ``paths``; never raises for a server's no.
+
+    Ctrl-C does not raise either: the run stops (a body being sent is abandoned, answers
+    on their way are awaited) and the report says what was taken, ``stopped`` "interrupted".
+    """
     started = time.monotonic()
     endpoint = instances_url(url)
     report = Report()
-    items = collect(paths, report)
     verify = ssl.create_default_context(cafile=str(cacert)) if cacert else True
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    console = Console(stderr=True)
-    bar = bars.Progress(
-        bars.TextColumn("{task.fields[done]}/{task.fields[files]} files"),
-        bars.BarColumn(),
-        bars.DownloadColumn(),
-        bars.TransferSpeedColumn(),
-        console=console,
-        disable=not (progress and console.is_terminal),
+    client = httpx.Client(
+        auth=(site, token), timeout=timeout, verify=verify, limits=limits, transport=transport
     )
-    with (
-        httpx.Client(
-            auth=(site, token), timeout=timeout, verify=verify, limits=limits, transport=transport
-        ) as client,
-        bar,
-    ):
-        task = bar.add_task("upload", total=sum(i.size for i in items), done=0, files=len(items))
-        sender = _Sender(client, endpoint, report, bar, task, retries, backoff)
-        # The first file goes alone: wrong credentials or a wrong URL then cost one
-        # request (and one failed-login count at the intake) instead of N.
-        if items and not sender.send(items[0]):
-            sender.stopped.set()
-        # Threads rather than asyncio: the sync client streams a plain generator from disk,
-        # and the pool is what bounds the files in flight (one connection each).
-        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+    bar = _progress_bar(progress)
+    try:
+        items = collect(paths, report)
+        report.total = len(items)
+        with client, bar:
+            task = bar.add_task(
+                "upload", total=sum(i.size for i in items), done=0, files=len(items)
+            )
+            sender = _Sender(
+                client, endpoint, url, site, timeout, report, bar, task, retries, backoff
+            )
             try:
-                for _ in pool.map(sender.send, items[1:]):
-                    pass
-            except BaseException:
-                sender.stopped.set()  # Ctrl-C: the workers skip what is left, so leaving is quick
-                raise
+                _send_all(sender, items, concurrency)
+            finally:
+                report.not_sent = len(items) - sender.settled
+    except KeyboardInterrupt:
+        report.stopped = "interrupted"
+    finally:
+        client.close()
     # Threads finish in any order; sorted lists read the same from one run to the next.
     report.rejected.sort(key=lambda p: p.path)
     report.failed.sort(key=lambda p: p.path)
     report.seconds = time.monotonic() - started
     return report
+
+
+def _progress_bar(wanted: bool) -> bars.Progress:
+    console = Console(stderr=True)
+    return bars.Progress(
+        bars.TextColumn("{task.fields[done]}/{task.fields[files]} files"),
+        bars.BarColumn(),
+        bars.DownloadColumn(),
+        bars.TransferSpeedColumn(),
+        console=console,
+        disable=not (wanted and console.is_terminal),
+    )
+
+
+def _send_all(sender: _Sender, items: list[Item], concurrency: int) -> None:
+    # The first file goes alone: wrong credentials or a wrong URL then cost one
+    # request (and one failed-login count at the intake) instead of N.
+    if items and (unreached := sender.send(items[0])) is not None:
+        sender.report.stopped = "unreachable"
+        sender.report.error, sender.report.error_detail = unreached.sentence, unreached.raw
+        return
+    # Threads rather than asyncio: the sync client streams a plain generator from disk,
+    # and the pool is what bounds the files in flight (one connection each).
+    pool = ThreadPoolExecutor(max_workers=concurrency)
+    try:
+        for _ in pool.map(sender.send, items[1:]):
+            pass
+    except KeyboardInterrupt:
+        sender.stopped.set()  # bodies being sent stop at their next chunk; the rest wait
+        with _second_interrupt_quits():
+            if awaiting := sender.awaiting():
+                sender.bar.console.print(
+                    f"Stopping: waiting for the intake's answer to {files(awaiting)} already "
+                    "sent (Ctrl-C again to quit at once).",
+                    markup=False,
+                    highlight=False,
+                    soft_wrap=True,
+                )
+            pool.shutdown(wait=True)
+        raise
+    finally:
+        pool.shutdown(wait=True)
+
+
+@contextlib.contextmanager
+def _second_interrupt_quits() -> Iterator[None]:
+    """While the run winds down after Ctrl-C, a second Ctrl-C ends the process at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set a signal handler
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

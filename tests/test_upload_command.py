@@ -9,6 +9,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import signal
+import socketserver
 import subprocess
 import sys
 import threading
@@ -25,23 +28,41 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app import auth, uploader
 from app.dicom import orthanc_ids
+from tests.support.certs import make_server_cert
 from tests.support.intake import ROOT, IntakeProcess, Site, wait_until
-from tests.support.orthanc import OrthancProcess
+from tests.support.orthanc import OrthancProcess, free_port
 from tests.support.studies import make_study
 
 
-def _run(
-    intake: IntakeProcess, site: str, token: str, *args: str, token_in_env: bool = True
-) -> subprocess.CompletedProcess[str]:
-    """The command as a site would run it; the token comes from the environment by default."""
+def _command(
+    url: str, site: str, token: str, *args: str, token_in_env: bool = True
+) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment a site would run; the token in the environment."""
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-    command = [sys.executable, "-m", "app", "upload", "--url", intake.url, "--site", site, *args]
+    command = [sys.executable, "-m", "app", "upload", "--url", url, "--site", site, *args]
     if token_in_env:
         env["INTAKE_UPLOAD_TOKEN"] = token
     else:
         command += ["--token", token]
+    return command, env
+
+
+def _run(
+    intake: IntakeProcess | str, site: str, token: str, *args: str, token_in_env: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """The command as a site would run it, against an intake or any URL."""
+    url = intake if isinstance(intake, str) else intake.url
+    command, env = _command(url, site, token, *args, token_in_env=token_in_env)
     return subprocess.run(
         command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def _start(url: str, site: str, token: str, *args: str) -> subprocess.Popen[str]:
+    """The command started, for a test that signals it while it runs."""
+    command, env = _command(url, site, token, *args)
+    return subprocess.Popen(
+        command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 
@@ -105,14 +126,19 @@ _COUNTS = dict.fromkeys(
 )
 
 
+_COUNT_LINE = re.compile(r"^  ([a-z ]+):\s+(\d+)(?:  (.+))?$")
+
+
 def _counts(summary: str) -> dict[str, int]:
-    """The ``  label:  n`` lines of the human summary."""
-    counts: dict[str, int] = {}
-    for line in summary.splitlines():
-        label, sep, value = line.strip().rpartition(":")
-        if sep and line.startswith("  ") and value.strip().isdigit():
-            counts[label] = int(value)
-    return counts
+    """The ``  label:  n  what it means`` lines of the human summary."""
+    found = (_COUNT_LINE.match(line) for line in summary.splitlines())
+    return {m[1]: int(m[2]) for m in found if m}
+
+
+def _notes(summary: str) -> dict[str, str]:
+    """What the summary says a non-zero count means, by label."""
+    found = (_COUNT_LINE.match(line) for line in summary.splitlines())
+    return {m[1]: m[3] for m in found if m and m[3]}
 
 
 def test_a_folder_is_walked_sent_and_summarised_as_json(
@@ -142,31 +168,39 @@ def test_a_folder_is_walked_sent_and_summarised_as_json(
         (broken_path, 400, "Bad file format")
     ]
     assert "past the end" in rejected[0]["detail"]  # the server's precise reason
+    assert rejected[0]["sent_bytes"] == rejected[0]["size"] == len(broken) - 1000
     assert report.pop("seconds") > 0
+    # "files" and "bytes": the broken file was sent and refused, so not counted; "stored":
+    # none was in the archive when the intake answered (all queued).
+    skipped = [
+        (export / "DICOMDIR", "DICOMDIR (a media index, not an instance)"),
+        (export / "notes.txt", "not DICOM (no DICM at byte 128, no data set at byte 0)"),
+    ]
     assert report == {
         "accepted": 8,
+        "stored": 0,
         "duplicates": 0,
         "quarantined": 0,
         "skipped": [
             {
-                "path": str(export / "DICOMDIR"),
+                "path": str(path),
                 "status": None,
-                "reason": "DICOMDIR (a media index, not an instance)",
+                "reason": reason,
                 "detail": "",
-            },
-            {
-                "path": str(export / "notes.txt"),
-                "status": None,
-                "reason": "not DICOM (no DICM at byte 128)",
-                "detail": "",
-            },
+                "sent_bytes": None,
+                "size": None,
+            }
+            for path, reason in skipped
         ],
         "failed": [],
         "not_sent": 0,
-        "files": 9,
-        "bytes": sum(path.stat().st_size for path in sent),
+        "total": 9,
+        "files": 8,
+        "bytes": sum(path.stat().st_size for path in sent[:-1]),
         "retries": 0,
+        "stopped": None,
         "error": None,
+        "error_detail": "",
     }
     _wait_for_exactly(private_orthanc, study_a + study_b)
     assert _orthanc_id(index)[1] not in private_orthanc.instances()
@@ -191,7 +225,8 @@ def test_sending_a_folder_again_reports_duplicates_and_exits_0(
 def test_a_wrong_token_stops_the_run_after_one_request_with_exit_3(
     make_intake: Callable[..., IntakeProcess], private_orthanc: OrthancProcess, tmp_path: Path
 ) -> None:
-    """One refused request ends the run: exit 3, a clear message, the token never echoed."""
+    """One refused request ends the run: exit 3, one line saying what to check, no summary
+    of zeros, the token never echoed."""
     # Two failures block the address, so the probes below count the command's requests.
     intake = make_intake(private_orthanc, auth_max_failures="2")
     intake.add_site("hospital-a")
@@ -201,10 +236,12 @@ def test_a_wrong_token_stops_the_run_after_one_request_with_exit_3(
     done = _run(intake, "hospital-a", wrong, str(tmp_path / "study"), token_in_env=False)
 
     assert done.returncode == 3
-    assert "authentication failed for site 'hospital-a'" in done.stderr
-    assert "unknown site or token" in done.stderr
+    assert done.stderr == (
+        "error: the intake refused the token for site 'hospital-a' (401: unknown site or "
+        "token): check --token (or INTAKE_UPLOAD_TOKEN) and --site. Nothing was uploaded.\n"
+    )
+    assert done.stdout == ""  # nothing was sent: no "Sent 1 file(s)", no column of zeros
     assert wrong not in done.stdout + done.stderr
-    assert _counts(done.stdout)["not sent"] == 4
 
     def probe() -> int:
         url = f"{intake.url}/instances"
@@ -263,6 +300,270 @@ def test_a_zip_archive_is_sent_whole(
     _wait_for_exactly(private_orthanc, files)
 
 
+def _interrupt(process: subprocess.Popen[str]) -> tuple[float, str, str]:
+    """Ctrl-C: SIGINT to the running command; (seconds until it exited, stdout, stderr)."""
+    signalled = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    return time.monotonic() - signalled, out, err
+
+
+def test_ctrl_c_says_what_was_taken_and_running_again_sends_the_rest(
+    make_intake: Callable[..., IntakeProcess], private_orthanc: OrthancProcess, tmp_path: Path
+) -> None:
+    """Ctrl-C while files wait out a real 429: exit 130, a summary of what the intake took
+    (the intake's own count), and how to finish; the second run does finish."""
+    intake = make_intake(private_orthanc, auth_cache_seconds="0")  # policy changes apply now
+    site = intake.add_site("hospital-a")
+    # Four instances a minute: ten files need two more minutes, so the run is mid-way when
+    # the intake has refused one (the files after it wait out Retry-After).
+    policy = intake.cli("sites", "policy", site.name, "--instances-per-minute", "4", "--json")
+    assert policy.returncode == 0, policy.stderr
+    files = make_study(n_series=1, per_series=10)
+    _write(tmp_path / "study", files)
+
+    process = _start(intake.url, site.name, site.token, str(tmp_path / "study"))
+    limited = {"outcome": "rejected", "reason": "rate_limited"}
+    wait_until(lambda: _metric(intake, "intake_uploads_total", **limited) >= 1)
+    seconds, out, err = _interrupt(process)
+
+    assert process.returncode == 130, out + err
+    assert seconds < 10  # the files waiting out Retry-After did not hold it up
+    taken = int(_metric(intake, "intake_uploads_total", outcome="accepted"))
+    assert 4 <= taken < 10
+    headline, *_ = out.splitlines()
+    assert re.fullmatch(
+        rf"Interrupted after \d+\.\d s: {taken} of 10 files taken by the intake "
+        rf"\(\d+\.\d kB\); {10 - taken} not sent\.",
+        headline,
+    )
+    counts = _counts(out)
+    assert counts.pop("retries") >= 1  # how many depends on the workers' timing
+    assert counts | {"retries": 0} == _COUNTS | {"accepted": taken, "not sent": 10 - taken}
+    assert out.endswith(
+        f"Run the same command again to send the rest: it sends all 10 files again, and the "
+        f"intake answers the {taken} it already took as duplicates without storing them "
+        "twice.\n"
+    )
+    assert "Traceback" not in err
+
+    cleared = intake.cli("sites", "policy", site.name, "--clear", "instances_per_minute", "--json")
+    assert cleared.returncode == 0, cleared.stderr
+    again = _run(intake, site.name, site.token, str(tmp_path / "study"))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert _counts(again.stdout) == _COUNTS | {"duplicates": taken, "accepted": 10 - taken}
+    _wait_for_exactly(private_orthanc, files)
+
+
+class _SlowReader(socketserver.ThreadingTCPServer):
+    """An HTTP server on loopback that reads bodies at about 1.6 MB/s and answers each one
+    "queued": a real intake reads a large file too fast to press Ctrl-C in the middle."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _SlowHandler)
+        self.received = 0
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _SlowHandler(socketserver.StreamRequestHandler):
+    server: _SlowReader
+
+    def handle(self) -> None:
+        while (length := self._content_length()) is not None:
+            while length:
+                chunk = self.rfile.read(min(length, 16384))
+                if not chunk:
+                    return  # the client hung up mid-body
+                length -= len(chunk)
+                self.server.received += len(chunk)
+                time.sleep(0.01)
+            body = json.dumps({"Status": "Success", "IntakeState": "queued"}).encode()
+            head = (
+                f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+            )
+            self.wfile.write(head.encode() + b"\r\n\r\n" + body)
+
+    def _content_length(self) -> int | None:
+        """Read a request's head; its Content-Length, or None once the client hung up."""
+        length = 0
+        while (line := self.rfile.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        return length if line else None
+
+
+def test_ctrl_c_during_a_large_file_stops_at_once(tmp_path: Path) -> None:
+    """A file half sent is abandoned at Ctrl-C (not streamed to its end) and counted as not
+    sent; the file the server had answered is counted as taken."""
+    small, large = tmp_path / "small.dcm", tmp_path / "large.dcm"
+    small.write_bytes(bytes(128) + b"DICM" + bytes(10_000))
+    large.write_bytes(bytes(128) + b"DICM" + os.urandom(30_000_000))  # some 20 s at that rate
+    with _SlowReader() as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        process = _start(server.url, "hospital-a", "token", str(small), str(large))
+        wait_until(lambda: server.received > small.stat().st_size + 1_000_000, timeout=30)
+        seconds, out, err = _interrupt(process)
+        received = server.received
+        server.shutdown()
+
+    assert process.returncode == 130, out + err
+    assert seconds < 5
+    assert received < large.stat().st_size // 2
+    assert out.startswith("Interrupted after ")
+    assert "1 of 2 files taken by the intake (10.1 kB); 1 not sent." in out
+    assert _counts(out) == _COUNTS | {"accepted": 1, "not sent": 1}
+    assert err == ""  # nothing was waiting for an answer, so nothing to wait for
+
+
+def test_https_to_the_plain_http_intake_says_so_in_one_sentence(
+    intake: IntakeProcess, site: Site, tmp_path: Path
+) -> None:
+    """A wrong scheme is not retried and not shown raw: one line names the URL and the fix;
+    --verbose adds OpenSSL's words."""
+    _write(tmp_path / "study", make_study(n_series=1, per_series=3))
+    wrong = intake.url.replace("http://", "https://")
+    port = wrong.rsplit(":", 1)[1]
+
+    done = _run(wrong, site.name, site.token, str(tmp_path / "study"))
+    verbose = _run(wrong, site.name, site.token, str(tmp_path / "study"), "--verbose")
+
+    assert done.returncode == verbose.returncode == 1
+    assert done.stdout == verbose.stdout == ""
+    sentence = (
+        f"error: {wrong} does not speak TLS on port {port}: use {intake.url} instead, or "
+        "enable TLS on the intake. Nothing was uploaded."
+    )
+    assert done.stderr == sentence + "\n"
+    assert verbose.stderr.startswith(sentence + "\n  (ConnectError: [SSL: ")
+    assert _metric(intake, "intake_received_bytes_total") == 0
+
+
+@pytest.mark.parametrize(
+    ("url", "retries", "expected"),
+    [
+        (
+            "http://127.0.0.1:{port}/",
+            "0",  # a refused connection is retried (an intake restarting): not here
+            "error: nothing is listening at http://127.0.0.1:{port}/ (connection refused): "
+            "check the host and port in --url, and that the intake is running. "
+            "Nothing was uploaded.\n",
+        ),
+        (
+            "https://intake.invalid/",  # RFC 6761 §6.4: never resolves
+            "5",  # a name that does not exist is not retried
+            "error: the host name 'intake.invalid' in https://intake.invalid/ could not be "
+            "found: check --url, and this machine's network. Nothing was uploaded.\n",
+        ),
+    ],
+)
+def test_an_intake_that_cannot_be_reached_is_said_in_one_sentence(
+    url: str, retries: str, expected: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    _write(tmp_path / "study", make_study(n_series=1, per_series=2))
+
+    done = _run(
+        url.format(port=port), "hospital-a", "token", str(tmp_path / "study"), "--retries", retries
+    )
+
+    assert done.returncode == 1
+    assert (done.stdout, done.stderr) == ("", expected.format(port=port))
+
+
+def test_tls_trouble_at_an_https_intake_names_the_fix(
+    make_intake: Callable[..., IntakeProcess], private_orthanc: OrthancProcess, tmp_path: Path
+) -> None:
+    """Its CA not given: "--cacert"; http:// to its TLS port: "use https://"; with the CA
+    the same command works."""
+    cert = make_server_cert(tmp_path / "certs")
+    intake = make_intake(
+        private_orthanc, tls_certfile=str(cert.cert_file), tls_keyfile=str(cert.key_file)
+    )
+    site = intake.add_site("hospital-a")
+    files = make_study(n_series=1, per_series=2)
+    study = str(_write(tmp_path / "study", files)[0].parent)
+    host = intake.url.removeprefix("https://")
+    plain = f"http://{host}"
+
+    untrusted = _run(intake, site.name, site.token, study)
+    no_tls = _run(plain, site.name, site.token, study, "--retries", "0")
+    trusted = _run(intake, site.name, site.token, study, "--cacert", str(cert.ca_file))
+
+    assert (untrusted.returncode, untrusted.stdout) == (1, "")
+    assert untrusted.stderr == (
+        f"error: the TLS certificate of {host} is not trusted (unable to get local issuer "
+        "certificate): pass the CA certificate that signed it with --cacert. Nothing was "
+        "uploaded.\n"
+    )
+    assert (no_tls.returncode, no_tls.stdout) == (1, "")
+    assert no_tls.stderr == (
+        f"error: {plain} closed the connection without answering: if it serves HTTPS on "
+        "that port, use https://. Nothing was uploaded.\n"
+    )
+    assert trusted.returncode == 0, trusted.stdout + trusted.stderr
+    assert _counts(trusted.stdout)["accepted"] == 2
+    _wait_for_exactly(private_orthanc, files)
+
+
+def test_a_file_refused_part_way_counts_no_bytes_and_says_how_far_it_got(
+    intake: IntakeProcess, site: Site, tmp_path: Path
+) -> None:
+    """The intake refuses a file over the site's cap once it has read the cap: the bytes
+    figure counts only the file it took, and the refusal says how much had been sent."""
+    policy = intake.cli("sites", "policy", site.name, "--max-instance-bytes", "1000000", "--json")
+    assert policy.returncode == 0, policy.stderr
+    small = make_study(n_series=1, per_series=1)[0]
+    large = make_study(n_series=1, per_series=1, rows=4500, cols=4500)[0]  # 40.5 MB
+    paths = _write(tmp_path / "study", [large, small])
+
+    as_json = _run(intake, site.name, site.token, str(tmp_path / "study"), "--json")
+    as_text = _run(intake, site.name, site.token, str(tmp_path / "study"))
+
+    assert as_json.returncode == as_text.returncode == 1
+    report = json.loads(as_json.stdout)
+    assert (report["total"], report["files"], report["bytes"]) == (2, 1, len(small))
+    (refused,) = report["rejected"]
+    assert (refused["path"], refused["status"], refused["size"]) == (
+        str(paths[0]),
+        413,
+        len(large),
+    )
+    assert 1_000_000 < refused["sent_bytes"] < len(large)
+    headline, *_ = as_text.stdout.splitlines()
+    assert re.fullmatch(r"1 of 2 files taken by the intake \(9\.\d kB\) in \d+\.\d s\.", headline)
+    assert re.search(
+        rf"{paths[0]}: Instance too large \(413\): .*1000000 bytes "
+        r"\(after \d+\.\d MB of 40\.5 MB was sent\)\n",
+        as_text.stdout,
+    )
+
+
+def test_accepted_while_the_archive_is_down_is_said_to_be_queued(
+    make_intake: Callable[..., IntakeProcess], own_orthanc: OrthancProcess, tmp_path: Path
+) -> None:
+    """With the private Orthanc stopped the intake still takes the files: the summary says
+    they are queued, not in the archive; they arrive once it is back."""
+    intake = make_intake(own_orthanc)
+    site = intake.add_site("hospital-a")
+    files = make_study(n_series=1, per_series=3)
+    _write(tmp_path / "study", files)
+    own_orthanc.stop()
+
+    done = _run(intake, site.name, site.token, str(tmp_path / "study"))
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _counts(done.stdout) == _COUNTS | {"accepted": 3}
+    assert _notes(done.stdout) == {
+        "accepted": "queued: not yet in the archive when the intake answered"
+    }
+    own_orthanc.start()
+    _wait_for_exactly(own_orthanc, files)
+
+
 # --- the client logic, without a server ------------------------------------------------------
 
 
@@ -289,13 +590,16 @@ def test_instances_url_refuses_what_is_not_a_plain_http_url(given: str) -> None:
 
 
 def test_folder_walk_is_sorted_and_skips_what_is_not_an_instance(tmp_path: Path) -> None:
-    """Only DICM files and ZIPs inside folders are sent, in path order; the rest is listed."""
+    """Only DICOM files (Part 10, or bare data sets as Orthanc takes them) and ZIPs inside
+    folders are sent, in path order; the rest is listed."""
     dicom = make_study(n_series=1, per_series=1)[0]
+    bare = dicom[144 + int.from_bytes(dicom[140:144], "little") :]
     root = tmp_path / "root"
     (root / "b" / "c").mkdir(parents=True)
     (root / "a").mkdir()
     (root / "b" / "c" / "z.dcm").write_bytes(dicom)
     (root / "b" / "y").write_bytes(dicom)
+    (root / "b" / "bare").write_bytes(bare)
     (root / "a" / "x.zip").write_bytes(b"PK\x03\x04" + bytes(200))
     (root / "a" / "dicomdir").write_bytes(dicom)
     (root / "a" / "short").write_bytes(b"tiny")
@@ -313,17 +617,18 @@ def test_folder_walk_is_sorted_and_skips_what_is_not_an_instance(tmp_path: Path)
 
     assert [(i.path, i.content_type) for i in items] == [
         (root / "a" / "x.zip", "application/zip"),
+        (root / "b" / "bare", "application/dicom"),
         (root / "b" / "c" / "z.dcm", "application/dicom"),
         (root / "b" / "y", "application/dicom"),
         (loose, "application/dicom"),
     ]
-    assert items[1].size == len(dicom)
+    assert items[2].size == len(dicom)
     assert [(Path(p.path).name, p.reason) for p in report.skipped] == [
         ("dicomdir", "DICOMDIR (a media index, not an instance)"),
-        ("fake.dcm", "not DICOM (no DICM at byte 128)"),
+        ("fake.dcm", "not DICOM (no DICM at byte 128, no data set at byte 0)"),
         ("link.dcm", "not a regular file"),
         ("pipe", "not a regular file"),
-        ("short", "not DICOM (no DICM at byte 128)"),
+        ("short", "not DICOM (no DICM at byte 128, no data set at byte 0)"),
     ]
 
 
@@ -434,6 +739,27 @@ def test_a_zip_answer_counts_each_entry(tmp_path: Path) -> None:
     assert f"{archive} #4: malformed (400): short" in report.summary()
 
 
+def test_a_token_refused_mid_run_still_summarises_what_was_taken(tmp_path: Path) -> None:
+    """A token revoked while files go: the run stops, and says what the intake took."""
+    answers = iter([200])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        request.read()
+        if next(answers, 401) == 200:
+            return httpx.Response(200, json={"Status": "Success", "IntakeState": "queued"})
+        return httpx.Response(401, json={"HttpStatus": 401, "Details": "the token was revoked"})
+
+    report = _serve(tmp_path, handler, n=4, concurrency=1)
+
+    assert (report.stopped, report.files, report.bytes, report.not_sent) == ("token", 1, 70_132, 3)
+    assert report.exit_code == 3
+    assert report.message() == (
+        "error: the intake refused the token for site 'site-a' (401: the token was revoked): "
+        "check --token (or INTAKE_UPLOAD_TOKEN) and --site. 1 of 4 files taken; 3 not sent."
+    )
+    assert report.summary().startswith("1 of 4 files taken by the intake (70.1 kB) in ")
+
+
 def test_concurrency_is_bounded(tmp_path: Path) -> None:
     lock = threading.Lock()
     in_flight = [0, 0]  # now, most
@@ -461,7 +787,9 @@ def test_concurrency_is_bounded(tmp_path: Path) -> None:
         (uploader.Report(accepted=2, quarantined=1), 1),
         (uploader.Report(failed=[uploader.Problem("x", 503, "")]), 1),
         (uploader.Report(not_sent=1), 1),
-        (uploader.Report(rejected=[uploader.Problem("x", 400, "")], auth_error="no"), 3),
+        (uploader.Report(failed=[uploader.Problem("x", None, "")], stopped="unreachable"), 1),
+        (uploader.Report(rejected=[uploader.Problem("x", 400, "")], stopped="token"), 3),
+        (uploader.Report(accepted=2, not_sent=1, stopped="interrupted"), 130),
     ],
 )
 def test_exit_codes(report: uploader.Report, code: int) -> None:
