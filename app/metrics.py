@@ -173,7 +173,8 @@ class Metrics:
             return name or _UNKNOWN_SITE
         try:
             with self._sessions() as session:
-                self._site_names.update(session.execute(select(Site.id, Site.name)).tuples().all())
+                # Rows are tuples; .tuples() is deprecated since SQLAlchemy 2.1.
+                self._site_names.update(session.execute(select(Site.id, Site.name)).all())
         except Exception as exc:  # a metric never fails a forward
             log.warning("metrics: could not look up site names: %s", exc)
         return self._site_names.get(site_id, _UNKNOWN_SITE)

@@ -145,6 +145,17 @@ class Settings(BaseSettings):
         "delivery is retried later.",
         json_schema_extra=_group(Group.ORTHANC),
     )
+    orthanc_keepalive_seconds: float = Field(
+        default=0.5,
+        ge=0,
+        description="Seconds an idle connection to the private Orthanc is kept for the "
+        "next request. Orthanc closes one idle for 1 s (measured on 1.10.1; "
+        "`KeepAliveTimeout` from 1.11.3 sets it), so keep this below Orthanc's value; a "
+        "request that meets a connection Orthanc has closed is sent again at once on a "
+        "new one, never counted as a failure. "
+        "0 opens a new connection for every request.",
+        json_schema_extra=_group(Group.ORTHANC),
+    )
 
     # Where the state and the env file are: env_file_of reads these before the rest.
     home: Path | None = Field(
