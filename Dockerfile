@@ -1,5 +1,6 @@
 # Orthanc Intake: the public upload listener, the admin listener and the forwarder in one
 # process. Build from the repository root:   docker build -t orthanc-intake .
+# A package index other than PyPI: a pip.conf as the build secret `pip.conf` (see below).
 # Deployment guide (compose, secrets, volumes, nginx): docs/DEPLOYMENT.md.
 #
 # Both stages use the same base image (pinned by tag; pin by digest too for reproducible
@@ -15,18 +16,35 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
-# The service runs from its source tree at /opt/orthanc-intake (an editable install):
-# app/migrations.py finds alembic.ini and alembic/ next to the `app` package, and the
-# upload page's files live in app/static/; a plain wheel carries neither.
 WORKDIR /opt/orthanc-intake
-COPY pyproject.toml README.md alembic.ini ./
-COPY alembic ./alembic
-COPY app ./app
 
 # Runtime dependencies only (no test extras). Every dependency ships binary wheels for
 # linux/amd64 and linux/arm64, so no compiler is installed, here or below; a platform
 # without wheels would need build-essential in THIS stage only.
-RUN pip install --editable . \
+#
+# First the dependencies and the build backend, read from pyproject.toml alone: this layer
+# is rebuilt only when pyproject.toml changes, not on every change to the code.
+# The package index is PyPI, unless the build is given a pip configuration as the secret
+# `pip.conf` (`--secret id=pip.conf,src=FILE`): it is mounted as /etc/pip.conf for this
+# one command and is in no layer of either stage (docs/DEPLOYMENT.md, "Building the image").
+COPY pyproject.toml ./
+RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
+    python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb")); print("\n".join(p["build-system"]["requires"] + p["project"]["dependencies"]))' \
+       > /tmp/requirements.txt \
+    && pip install --requirement /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
+
+# The service runs from its source tree at /opt/orthanc-intake (an editable install):
+# app/migrations.py finds alembic.ini and alembic/ next to the `app` package, and the
+# upload page's files live in app/static/; a plain wheel carries neither.
+COPY README.md alembic.ini ./
+COPY alembic ./alembic
+COPY app ./app
+
+# The project itself, with what is installed above and nothing else (no index needed);
+# `pip check` fails the build if that does not satisfy pyproject.toml.
+RUN pip install --editable . --no-deps --no-build-isolation \
+    && pip check \
     && python -m compileall -q /opt/orthanc-intake/app /opt/orthanc-intake/alembic \
     && orthanc-intake --help > /dev/null
 

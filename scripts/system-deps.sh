@@ -2,7 +2,7 @@
 # Installs the Debian packages the test suite runs for real, when they are missing:
 # Orthanc (private Orthanc and remote site in the tests) with its DICOMweb plugin, a
 # PostgreSQL server, PHP with curl (the admin API's PHP example is run against a live
-# intake), and Chromium (the browser upload page is tested in it).
+# intake), Chromium (the browser upload page is tested in it), and podman (the image).
 set -euo pipefail
 
 SUDO=""
@@ -20,6 +20,11 @@ command -v php >/dev/null 2>&1 || missing+=(php-cli)
 php -m 2>/dev/null | grep -qx curl || missing+=(php-curl)
 # The upload page is tested in Debian's Chromium, driven by Playwright (no browser download).
 [ -x /usr/bin/chromium ] || missing+=(chromium)
+# The image is built and run with podman on runc, on a base debootstrap makes
+# (tests/test_image.py, scripts/image-base.sh).
+[ -x /usr/bin/podman ] || missing+=(podman)
+[ -x /usr/sbin/runc ] || missing+=(runc)
+[ -x /usr/sbin/debootstrap ] || missing+=(debootstrap)
 
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing Debian packages: ${missing[*]}"
