@@ -32,11 +32,7 @@ admins_cli = typer.Typer(no_args_is_help=True, help="Manage admin accounts.")
 cli.add_typer(sites_cli, name="sites")
 cli.add_typer(admins_cli, name="admins")
 
-PEER_NAME = "intake"
-# Seconds a site's Orthanc gives one request (the peer's or the DICOMweb server's
-# `Timeout`, else its global HttpTimeout, 60 s): the whole upload of an instance over the
-# site's uplink (docs/DEPLOYMENT.md, "Site onboarding").
-PEER_TIMEOUT_SECONDS = 300
+PEER_NAME, PEER_TIMEOUT_SECONDS = sites.PEER_NAME, sites.PEER_TIMEOUT_SECONDS
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
 log = logging.getLogger(__name__)
 
@@ -175,48 +171,9 @@ def migrate() -> None:
     typer.echo("database schema is up to date")
 
 
-def _site_snippets(settings: Settings, created: sites.NewToken) -> dict[str, dict[str, Any]]:
-    """What a site pastes into its Orthanc: a peer (Basic or Bearer) and a DICOMweb server.
-
-    Both are Orthanc "web service" entries (OrthancPeers and the DICOMweb plugin's
-    DicomWeb.Servers take the same keys, `Timeout` per entry included); an
-    `Authorization` header in `HttpHeaders` replaces Basic. The plugin's STOW-RS client
-    posts to `{Url}studies`, which is the intake's `/dicom-web/studies`.
-    """
-    peers = sites.orthanc_peers(settings.peer_url, created.site, created.token)
-    timeout = {"Timeout": PEER_TIMEOUT_SECONDS}
-    return {
-        "orthanc_peer": peers["basic"] | timeout,
-        "orthanc_peer_bearer": peers["bearer"] | timeout,
-        "dicomweb_server": {
-            "Url": f"{settings.peer_url}dicom-web/",
-            "HttpHeaders": {"Authorization": f"Bearer {created.token}"},
-        }
-        | timeout,
-    }
-
-
-def _url_warnings(settings: Settings) -> list[str]:
-    """What is wrong with the URL the snippets carry, for a remote site."""
-    url = settings.peer_url
-    if not settings.public_url:
-        return [
-            f"INTAKE_PUBLIC_URL is unset, so the snippets carry {url}, this host's own "
-            "listener, which a remote site cannot use: put the address sites reach (e.g. "
-            "https://intake.example.org/) in their Url, and set INTAKE_PUBLIC_URL to it for "
-            "the next sites."
-        ]
-    if url.startswith("http://"):
-        return [
-            f"{url} is plain HTTP: the token would cross the network in clear. Give sites "
-            "an https:// URL (TLS on the intake or on a reverse proxy, docs/DEPLOYMENT.md)."
-        ]
-    return []
-
-
 def _print_new_token(settings: Settings, created: sites.NewToken, as_json: bool, verb: str) -> None:
-    snippets = _site_snippets(settings, created)
-    warnings = _url_warnings(settings)
+    snippets = sites.site_snippets(settings.peer_url, created.site, created.token)
+    warnings = sites.url_warnings(settings.public_url, settings.peer_url)
     for warning in warnings:
         typer.echo(f"warning: {warning}", err=True)
     if as_json:

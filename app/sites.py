@@ -107,12 +107,46 @@ class SiteView:
         return "disabled" if self.disabled_at else "active"
 
 
-def orthanc_peers(peer_url: str, site: str, token: str) -> dict[str, dict[str, Any]]:
-    """The OrthancPeers entries a site pastes into its Orthanc configuration."""
+PEER_NAME = "intake"
+# Seconds a site's Orthanc gives one request (the peer's or the DICOMweb server's
+# `Timeout`, else its global HttpTimeout, 60 s): the whole upload of an instance over the
+# site's uplink (docs/DEPLOYMENT.md, "Site onboarding").
+PEER_TIMEOUT_SECONDS = 300
+
+
+def site_snippets(peer_url: str, site: str, token: str) -> dict[str, dict[str, Any]]:
+    """What a site pastes into its Orthanc: a peer (Basic or Bearer) and a DICOMweb server.
+
+    Both are Orthanc "web service" entries (OrthancPeers and the DICOMweb plugin's
+    DicomWeb.Servers take the same keys, `Timeout` per entry included); an
+    `Authorization` header in `HttpHeaders` replaces Basic. The plugin's STOW-RS client
+    posts to `{Url}studies`, which is the intake's `/dicom-web/studies`. The CLI and the
+    admin API both hand out these.
+    """
+    timeout = {"Timeout": PEER_TIMEOUT_SECONDS}
+    bearer = {"Authorization": f"Bearer {token}"}
     return {
-        "basic": {"Url": peer_url, "Username": site, "Password": token},
-        "bearer": {"Url": peer_url, "HttpHeaders": {"Authorization": f"Bearer {token}"}},
+        "orthanc_peer": {"Url": peer_url, "Username": site, "Password": token} | timeout,
+        "orthanc_peer_bearer": {"Url": peer_url, "HttpHeaders": bearer} | timeout,
+        "dicomweb_server": {"Url": f"{peer_url}dicom-web/", "HttpHeaders": bearer} | timeout,
     }
+
+
+def url_warnings(public_url: str | None, peer_url: str) -> list[str]:
+    """What is wrong, for a remote site, with the URL the snippets carry."""
+    if not public_url:
+        return [
+            f"INTAKE_PUBLIC_URL is unset, so the snippets carry {peer_url}, this host's own "
+            "listener, which a remote site cannot use: put the address sites reach (e.g. "
+            "https://intake.example.org/) in their Url, and set INTAKE_PUBLIC_URL to it for "
+            "the next sites."
+        ]
+    if peer_url.startswith("http://"):
+        return [
+            f"{peer_url} is plain HTTP: the token would cross the network in clear. Give sites "
+            "an https:// URL (TLS on the intake or on a reverse proxy, docs/DEPLOYMENT.md)."
+        ]
+    return []
 
 
 def _view(site: Site) -> SiteView:
@@ -301,7 +335,9 @@ def check(found: AuthenticatedSite, site_name: str | None, now: datetime) -> Aut
     if site_name is not None and not auth.same(site_name, found.name):
         raise Unauthenticated("unknown site or token")
     if found.token_expires_at is not None and found.token_expires_at <= now:
-        raise Unauthenticated("the token is revoked or expired, or the site is disabled")
+        refused = Unauthenticated("the token is revoked or expired, or the site is disabled")
+        refused.site = found.name  # the token was the site's: the refusal log names it
+        raise refused
     return found
 
 

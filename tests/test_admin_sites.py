@@ -18,6 +18,15 @@ def test_create_rotate_revoke_over_the_api(intake: IntakeProcess, admin: Admin) 
         assert created.status_code == 201, created.text
         first = created.json()
         assert first["orthanc_peer"]["Username"] == "api-site"
+        # The same entries as `sites add` prints: a Timeout for large instances, a DICOMweb
+        # server, and the warning that a 127.0.0.1 URL is of no use to a remote site.
+        assert first["orthanc_peer"]["Timeout"] == first["dicomweb_server"]["Timeout"] == 300
+        assert first["dicomweb_server"] == {
+            "Url": f"{intake.peer_url}dicom-web/",
+            "HttpHeaders": {"Authorization": f"Bearer {first['token']}"},
+            "Timeout": 300,
+        }
+        assert any("INTAKE_PUBLIC_URL is unset" in w for w in first["warnings"])
         site = Site("api-site", first["token"], first["orthanc_peer"], first["orthanc_peer_bearer"])
         assert intake.upload(site, make_study(1, 1)[0]).status_code == 200
 

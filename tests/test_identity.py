@@ -57,6 +57,13 @@ def _stored(intake: IntakeProcess, site: Site, data: bytes) -> dict[str, Any]:
     return body
 
 
+def intake_answer(intake: IntakeProcess, site: Site, body: bytes) -> Any:
+    """The intake's 200 answer: one instance's JSON, or a list of them for a ZIP."""
+    answer = intake.upload(site, body)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
 def _forwarded_row(admin: httpx.Client, site: Site) -> dict[str, Any]:
     """The site's newest upload row, once it is forwarded (admin API)."""
 
@@ -373,7 +380,7 @@ def test_files_without_or_against_their_part10_header_are_taken_as_orthanc_takes
     body = make_zip([("IM0001", data)]) if zipped else data
     direct = reference_orthanc.upload(body)
     assert direct.status_code == 200, direct.text
-    told = _stored(shared_intake, fresh_site, body)
+    told: Any = intake_answer(shared_intake, fresh_site, body)
     expected, answered = (direct.json()[0], told[0]) if zipped else (direct.json(), told)
     keys = ("ID", "ParentPatient", "ParentStudy", "ParentSeries", "Status")
     assert {k: answered[k] for k in keys} == {k: expected[k] for k in keys}

@@ -42,6 +42,13 @@ class NewTokenOut(BaseModel):
     expires_at: datetime | None
     orthanc_peer: dict[str, Any] = Field(description="OrthancPeers entry, HTTP Basic form")
     orthanc_peer_bearer: dict[str, Any] = Field(description="OrthancPeers entry, Bearer form")
+    dicomweb_server: dict[str, Any] = Field(
+        description="DicomWeb.Servers entry for a site Orthanc pushing with STOW-RS"
+    )
+    warnings: list[str] = Field(
+        description="What is wrong with the URL the entries carry, for a remote site "
+        "(INTAKE_PUBLIC_URL unset, plain HTTP)"
+    )
 
 
 class SiteIn(BaseModel):
@@ -109,14 +116,14 @@ async def _call(service: Service, action: Callable[[Session], T], *, change: boo
 
 
 def _new_token(service: Service, created: sites.NewToken) -> NewTokenOut:
-    peers = sites.orthanc_peers(service.settings.peer_url, created.site, created.token)
+    settings = service.settings
     return NewTokenOut(
         site=created.site,
         token=created.token,
         token_id=created.token_id,
         expires_at=created.expires_at,
-        orthanc_peer=peers["basic"],
-        orthanc_peer_bearer=peers["bearer"],
+        **sites.site_snippets(settings.peer_url, created.site, created.token),
+        warnings=sites.url_warnings(settings.public_url, settings.peer_url),
     )
 
 
