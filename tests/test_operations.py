@@ -84,6 +84,7 @@ def test_processes_starting_together_migrate_one_at_a_time(
     """Scale-out: two `migrate` at once on a fresh PostgreSQL both succeed."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("INTAKE_")}
     env["INTAKE_DATABASE_URL"] = database_url
+    env["INTAKE_HOME"] = str(tmp_path)  # never a developer's var/intake.env
     runs = [
         subprocess.Popen(
             [sys.executable, "-m", "app", "migrate"],
