@@ -186,7 +186,7 @@ async def _forward(settings: Settings, results: int) -> None:
         metrics=_Results(results, make_read_sessionmaker(engine)),
     )
     wakes = asyncio.StreamReader()
-    await loop.connect_read_pipe(
+    pipe, _ = await loop.connect_read_pipe(
         lambda: asyncio.StreamReaderProtocol(wakes), os.fdopen(0, "rb", buffering=0)
     )
 
@@ -212,6 +212,7 @@ async def _forward(settings: Settings, results: int) -> None:
             await asyncio.to_thread(forwarder.release_own_leases)
         await orthanc.aclose()
         engine.dispose()
+        pipe.close()  # and stdin with it: left open, the loop's close warns of both
 
 
 def main() -> None:

@@ -575,6 +575,7 @@ class Intake:
                 "status": exc.status_code,
             },
         )
+        exc.logged = True  # no upload.refused line for it (app/api/errors.py)
 
     def _persist(self, ctx: _Context, received: Received, summary: dicom.Summary) -> Receipt:
         ids = dicom.orthanc_ids(

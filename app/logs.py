@@ -22,7 +22,14 @@ request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _VALID_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-_STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "request_id"}
+# uvicorn's own records carry a copy of their message with ANSI colours in it
+# (``color_message``), for its console formatter: no field of ours.
+_STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {
+    "message",
+    "asctime",
+    "request_id",
+    "color_message",
+}
 # C0 and C1 controls, DEL, and Unicode's line and paragraph separators: anything that can
 # end a line or drive a terminal. A value holding them (a site's Modality, a decoded URL)
 # must never write a line of its own: it could look exactly like a real warning.

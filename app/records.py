@@ -86,6 +86,16 @@ class UploadRecord:
 
 FIELDS = tuple(f.name for f in fields(UploadRecord))
 _COLUMNS = [Site.name.label("site") if n == "site" else getattr(Upload, n) for n in FIELDS]
+_STATE = FIELDS.index("state")
+
+
+def _record(row: Sequence[Any]) -> UploadRecord:
+    """A row as a record. The state column is a plain string in the database and reads
+    back as one: made a State here, the type the record (and its JSON schema) declares,
+    else pydantic warns on every serialization of it."""
+    values = list(row)
+    values[_STATE] = State(values[_STATE])
+    return UploadRecord(*values)
 
 
 @dataclass(frozen=True)
@@ -187,14 +197,14 @@ def search(
     if position is not None:
         where.append(below(position))
     rows = session.execute(_query(where).limit(limit + 1)).all()
-    items = [UploadRecord(*row) for row in rows[:limit]]
+    items = [_record(row) for row in rows[:limit]]
     more = len(rows) > limit
     return UploadPage(items, encode_cursor(items[-1].received_at, items[-1].id) if more else None)
 
 
 def show(session: Session, upload_id: int) -> UploadRecord | None:
     row = session.execute(_query([Upload.id == upload_id])).first()
-    return UploadRecord(*row) if row else None
+    return _record(row) if row else None
 
 
 def export(
@@ -217,7 +227,7 @@ def export(
             rows = session.execute(_query(where).limit(min(batch, left))).all()
         if not rows:
             return
-        records = [UploadRecord(*row) for row in rows]
+        records = [_record(row) for row in rows]
         yield records
         left -= len(records)
         position = (records[-1].received_at, records[-1].id)

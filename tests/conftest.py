@@ -28,6 +28,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         if reporter:
             reporter.write_line(f"CI: {skipped} test(s) skipped; skips fail the run here", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    warned = leaks.SUITE.new_warnings()  # written after the last test: at shutdown
+    if warned:
+        if reporter:
+            for line in warned:
+                reporter.write_line(f"Python warning in a service log: {line}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
     found = leaks.SUITE.scan()
     secrets, logs = leaks.SUITE.counts()
     if reporter and logs:
@@ -37,6 +43,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             for line in found:
                 reporter.write_line(f"secret leaked into a log: {line}", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(autouse=True)
+def _no_python_warnings_in_service_logs() -> Iterator[None]:
+    """A test during which a service wrote a Python warning to its log fails."""
+    yield
+    found = leaks.SUITE.new_warnings()
+    if found:
+        pytest.fail("Python warnings in a service log:\n" + "\n".join(found), pytrace=False)
 
 
 class Templates:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from app import logs
+from app import logs, records
+from app.models import State
 from tests.support.intake import IntakeProcess, wait_until
+from tests.support.leaks import Registry, python_warnings
 from tests.support.orthanc import OrthancProcess
 from tests.support.studies import make_study
 
@@ -30,6 +33,64 @@ def test_the_json_formatter_writes_one_object_with_the_extra_fields() -> None:
     assert payload["bytes"] == 12
     assert "reason" not in payload  # None fields are left out
     assert "\n" not in line
+
+
+def test_the_json_formatter_leaves_out_uvicorns_coloured_copy_of_the_message() -> None:
+    """uvicorn passes ``color_message`` (ANSI escapes) for its own console formatter."""
+    record = _record(color_message="\x1b[32mupload\x1b[0m site=%s")
+    payload = json.loads(logs.JsonFormatter().format(record))
+    assert "color_message" not in payload
+    assert payload["message"] == "upload site=a"
+
+
+def test_an_upload_record_holds_its_state_as_the_enum_it_declares() -> None:
+    """The column reads back as a string; pydantic warned on every record it serialized."""
+    row: list[object] = [None] * len(records.FIELDS)
+    row[records.FIELDS.index("state")] = "queued"
+    record = records._record(row)
+    assert record.state is State.QUEUED
+
+
+_PYDANTIC_BLOCK = """\
+2026-01-01 00:00:00,000 DEBUG httpcore.http11: response_closed.complete
+/venv/lib/python3.11/site-packages/pydantic/type_adapter.py:651: UserWarning: Pydantic \
+serializer warnings:
+  PydanticSerializationUnexpectedValue(Expected `enum` - serialized value may not be as \
+expected [field_name='state', input_value='queued', input_type=str])
+  return self.serializer.to_json(
+"""
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        _PYDANTIC_BLOCK,  # printed, the default action
+        "2026-01-01 ERROR uvicorn.error: Exception in ASGI application\n"
+        "    Traceback (most recent call last):\n    UserWarning: Pydantic serializer\n",
+        '{"level": "ERROR", "exception": "Traceback (most recent call last):\\n'
+        'DeprecationWarning: old"}\n',
+        "Exception ignored in: <_io.FileIO name=0>\nResourceWarning: unclosed file\n",
+    ],
+)
+def test_a_python_warning_in_a_service_log_is_found(text: str, tmp_path: Path) -> None:
+    log = tmp_path / "intake.log"
+    log.write_text(text)
+    registry = Registry()
+    registry.remember_log(log)
+    assert len(registry.new_warnings()) == 1
+    assert registry.new_warnings() == []  # each line is reported once
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "2026-01-01 00:00:00,000 WARNING app.access: security: site=a refused",
+        "2026-01-01 INFO alembic: Running upgrade 0005 -> 0006, Warnings on an upload's row",
+        '{"event": "upload", "warnings": ["UserWarning: a Modality a site chose"]}',
+    ],
+)
+def test_log_lines_that_only_mention_warnings_are_not_python_warnings(line: str) -> None:
+    assert python_warnings(line) == []
 
 
 def test_the_text_formatter_appends_the_request_id() -> None:

@@ -1,4 +1,5 @@
-"""Rendering of the error tree: Orthanc's JSON shape on the public listener."""
+"""Rendering of the error tree: Orthanc's JSON shape on the public listener; and the
+refusal log's line (app/refusals.py) for each refusal nothing else has logged."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Scope
 
 from app.errors import IntakeError, MethodNotAllowed, NotFound
+from app.refusals import Refusal, RefusalLog
 
 # A request target is echoed at most this long: a 30 KB path answered twice in every 404
 # let a client that pipelines requests and reads nothing fill buffers 100 times faster.
@@ -35,9 +39,53 @@ def orthanc_error_body(error: IntakeError, method: str, path: str) -> dict[str, 
     return body
 
 
+def _client_address(scope: Scope) -> str | None:
+    """The client as the site's routes see it (app/api/public.py sets it once known)."""
+    known = scope.get("state", {}).get("client_address")
+    if known is not None:
+        return str(known)
+    client = scope.get("client")
+    peer = client[0] if client else None
+    service = getattr(getattr(scope.get("app"), "state", None), "service", None)
+    if service is None:
+        return peer
+    forwarded = ",".join(Headers(scope=scope).getlist("x-forwarded-for")) or None
+    address: str | None = service.access.client_address(peer, forwarded)
+    return address
+
+
+def log_refusal(scope: Scope, error: IntakeError) -> None:
+    """The ``upload.refused`` line of a request refused before anything of it was stored,
+    on a listener with a refusal log (the public one: ``install_orthanc_errors``)."""
+    refusals = getattr(getattr(scope.get("app"), "state", None), "refusals", None)
+    if not isinstance(refusals, RefusalLog):
+        return
+    site = scope.get("state", {}).get("site_name") or error.site
+    address = _client_address(scope)
+    if not refusals.admits(site, address, error.reason):
+        return  # counted for the summary line: a flood costs a few microseconds a request
+    declared = Headers(scope=scope).get("content-length", "")
+    refusals.log(
+        Refusal(
+            status=error.status_code,
+            reason=error.reason,
+            detail=error.detail,
+            method=scope.get("method", ""),
+            path=scope.get("path", ""),
+            site=site,
+            remote_addr=address,
+            declared_bytes=int(declared) if declared.isdigit() else None,
+        )
+    )
+
+
 def install_orthanc_errors(app: FastAPI) -> None:
+    app.state.refusals = RefusalLog()
+
     async def _intake_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, IntakeError)
+        if not exc.logged:  # the intake logs what it refuses once it has stored it
+            log_refusal(request.scope, exc)
         return JSONResponse(
             orthanc_error_body(exc, request.method, request.url.path),
             status_code=exc.status_code,

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.api.errors import log_refusal
 from app.errors import CrossSiteRequest, HostNotAllowed, IntakeError
 from app.protocol import ErrorBody
 
@@ -53,6 +54,7 @@ def host_allowed(name: str, allowed: Sequence[str]) -> bool:
 
 
 async def _refuse(error: IntakeError, scope: Scope, send: Send, error_body: ErrorBody) -> None:
+    log_refusal(scope, error)
     body = json.dumps(error_body(error, scope.get("method", ""), scope.get("path", ""))).encode()
     await send(
         {

@@ -28,11 +28,13 @@ async def get_site(request: Request, service: ServiceDep) -> sites.Authenticated
     forwarded = ",".join(request.headers.getlist("x-forwarded-for")) or None
     address = service.access.client_address(peer, forwarded)
     request.state.client_address = address
-    return await service.access.authenticate(
+    site = await service.access.authenticate(
         request.headers.get("authorization"),
         address,
         getattr(request.state, CLIENT_CERT_STATE, None),  # set by app/protocol.py
     )
+    request.state.site_name = site.name  # for the refusal log (app/api/errors.py)
+    return site
 
 
 SiteDep = Annotated[sites.AuthenticatedSite, Depends(get_site)]

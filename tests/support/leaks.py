@@ -2,7 +2,9 @@
 
 At the end of the session (tests/conftest.py) every service log is searched for every
 secret: a site or admin token, an admin password, a private Orthanc's password must
-never appear in a log line, whatever the test did.
+never appear in a log line, whatever the test did. After each test, what the logs gained
+is searched for Python warnings: the services show every warning they meet
+(tests/support/intake.py), and one in a log fails the test (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -11,6 +13,18 @@ import re
 from pathlib import Path
 
 _TOKEN_SHAPE = re.compile(r"oi[ta]_[A-Za-z0-9]{20,}")
+# A warning as Python prints it ("path.py:12: UserWarning: …"), or as an exception under
+# -W error: a traceback's last line (indented by app/logs.py's text format; after a "\n"
+# inside a JSON record), or what "Exception ignored in" prints below itself.
+_PYTHON_WARNING = re.compile(
+    r"^(?:\S+:\d+: |\s*)(?:[\w.]+\.)?[A-Z]\w*Warning: |\\n(?:[\w.]+\.)?[A-Z]\w*Warning: ",
+    re.MULTILINE,
+)
+
+
+def python_warnings(text: str) -> list[str]:
+    """The lines of ``text`` that hold a Python warning."""
+    return [line for line in text.splitlines() if _PYTHON_WARNING.search(line)]
 
 
 class Registry:
@@ -18,6 +32,7 @@ class Registry:
         self._tokens: set[str] = set()
         self._others: set[str] = set()
         self._logs: set[Path] = set()
+        self._read_to: dict[Path, int] = {}  # how far each log was searched for warnings
 
     def remember_secret(self, value: str) -> None:
         (self._tokens if _TOKEN_SHAPE.fullmatch(value) else self._others).add(value)
@@ -28,6 +43,23 @@ class Registry:
     def counts(self) -> tuple[int, int]:
         """(secrets, logs) known so far."""
         return len(self._tokens) + len(self._others), len(self._logs)
+
+    def new_warnings(self) -> list[str]:
+        """Python warnings written to any log since the last call, one line each."""
+        found: list[str] = []
+        for log in sorted(self._logs):
+            try:
+                with log.open("rb") as file:
+                    file.seek(self._read_to.get(log, 0))
+                    gained = file.read()
+            except FileNotFoundError:
+                continue
+            # Up to the last complete line: the rest is searched next time.
+            complete = gained[: gained.rfind(b"\n") + 1]
+            self._read_to[log] = self._read_to.get(log, 0) + len(complete)
+            text = complete.decode(errors="replace")
+            found.extend(f"{log}: {line}" for line in python_warnings(text))
+        return found
 
     def scan(self) -> list[str]:
         """One line per leak: which log, which secret (by its first characters only)."""
