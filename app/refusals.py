@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from app.auth import ADMIN_TOKEN_PREFIX, TOKEN_PREFIX
 from app.logs import escape_controls
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,9 @@ _MAX_TEXT = 256  # a path or detail is cut here: a 30 KB request target is one l
 _MAX_SOURCES = 1000  # sources counted one by one in a summary; the rest as "other"
 _TOP_SOURCES = 5
 _V4_MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:a.b.c.d, an IPv4 client
+_TOKEN_SHAPE = re.compile(
+    "(?:" + re.escape(TOKEN_PREFIX) + "|" + re.escape(ADMIN_TOKEN_PREFIX) + ")[A-Za-z0-9]{8,}"
+)
 
 
 @dataclass(frozen=True)
@@ -90,8 +95,10 @@ def _source(address: str | None) -> str:
 
 
 def _text(value: str) -> str:
+    """One line, cut, and with anything shaped like a token masked: a site that put its
+    token in the URL (``/oit_…/instances``, a 404) must not find it in the log."""
     value = value if len(value) <= _MAX_TEXT else value[:_MAX_TEXT] + "…"
-    return escape_controls(value)
+    return escape_controls(_TOKEN_SHAPE.sub(lambda m: m.group()[:4] + "…", value))
 
 
 class RefusalLog:

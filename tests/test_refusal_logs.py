@@ -149,6 +149,21 @@ def test_a_line_holds_the_fields_escaped_and_cut(
     assert len(fields["path"]) <= 300
 
 
+def test_a_token_in_the_path_or_detail_is_masked(
+    clock: Clock, caplog_info: pytest.LogCaptureFixture
+) -> None:
+    """A site that pasted its token into the URL gets a 404; the line must not keep it."""
+    token = "oit_" + "Ab1" * 16
+    refusals = RefusalLog(clock=clock)
+    path = f"/{token}/instances"
+    detail = f"no resource at {path}"
+    refusals.write(Refusal(404, "not_found", detail, "POST", path, None, "::1", 1))
+    (line,) = _lines(caplog_info, EVENT)
+    assert token not in line.getMessage()
+    assert token[:12] not in repr(vars(line))
+    assert vars(line)["path"] == "/oit_…/instances"
+
+
 # --- end to end ----------------------------------------------------------------------
 
 
