@@ -49,7 +49,6 @@ listener puts in its Orthanc-shaped JSON. Nothing here imports FastAPI.
     │   ├── MissingTag                a required attribute is absent or empty
     │   ├── InvalidUid                a UID breaks PS3.5 §9.1
     │   ├── IdentifierTooLong         PatientID or a UID over Orthanc's 256 bytes
-    │   ├── MetaMismatch              File Meta disagrees with the dataset
     │   ├── UnsupportedTransferSyntax unknown or private transfer syntax
     │   ├── NestingTooDeep            sequences nested deeper than the cap
     │   ├── TooManyElements           more data elements than the cap
@@ -348,10 +347,6 @@ class IdentifierTooLong(BadUpload):
     orthanc_status = 4
     message = "Bad type for a parameter"
     reason = "identifier_too_long"
-
-
-class MetaMismatch(BadUpload):
-    reason = "meta_mismatch"
 
 
 class UnsupportedTransferSyntax(BadUpload):
