@@ -211,6 +211,9 @@ async def _forward(settings: Settings, results: int) -> None:
         with contextlib.suppress(Exception):  # else the service frees them, or they run out
             await asyncio.to_thread(forwarder.release_own_leases)
         await orthanc.aclose()
+        # A cancelled task's database work still runs in its thread: wait for it, or its
+        # connection goes back to the pool after dispose() and is left open until exit.
+        await loop.shutdown_default_executor()
         engine.dispose()
         pipe.close()  # and stdin with it: left open, the loop's close warns of both
 
