@@ -251,8 +251,10 @@ def explain(exc: httpx.TransportError, url: str, timeout: float) -> Unreached:
             raw,
             transient=True,
         )
-    if isinstance(exc, httpx.RemoteProtocolError):
-        # What a TLS listener does with a plain-HTTP request: it hangs up.
+    reset = isinstance(cause, ConnectionResetError)
+    if isinstance(exc, httpx.RemoteProtocolError) or (reset and target.scheme == "http"):
+        # What a TLS listener does with a plain-HTTP request: it hangs up, with a FIN or,
+        # when the request was still arriving, a reset.
         hint = (
             "if it serves HTTPS on that port, use https://"
             if target.scheme == "http"
