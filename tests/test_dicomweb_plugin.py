@@ -60,13 +60,7 @@ def test_plugin_stow_pushes_a_multi_series_study(
     files = make_study(n_series=3, per_series=4)
     site_orthanc = _site_orthanc(tmp_path, _servers(intake, site)[auth])
     try:
-        by_id: dict[str, bytes] = {}
-        study = ""
-        for data in files:
-            answer = site_orthanc.upload(data)
-            assert answer.status_code == 200, answer.text
-            by_id[answer.json()["ID"]] = data
-            study = answer.json()["ParentStudy"]
+        study, by_id = site_orthanc.load(files)
         with site_orthanc.client(timeout=120) as client:
             pushed = client.post("/dicom-web/servers/intake/stow", json={"Resources": [study]})
         assert pushed.status_code == 200, (pushed.text, site_orthanc.log_text()[-2000:])

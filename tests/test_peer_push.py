@@ -21,18 +21,6 @@ def _site_orthanc(tmp_path: Path, peer: dict[str, Any]) -> OrthancProcess:
     return site
 
 
-def _load_study(site_orthanc: OrthancProcess, files: list[bytes]) -> tuple[str, dict[str, bytes]]:
-    """Upload files to the site's Orthanc; return the study ID and instance ID → bytes."""
-    by_id: dict[str, bytes] = {}
-    study = ""
-    for data in files:
-        answer = site_orthanc.upload(data)
-        assert answer.status_code == 200, answer.text
-        by_id[answer.json()["ID"]] = data
-        study = answer.json()["ParentStudy"]
-    return study, by_id
-
-
 def _push_and_check(
     site_orthanc: OrthancProcess,
     private: OrthancProcess,
@@ -63,7 +51,7 @@ def test_peer_push_with_basic_auth(
     files[0] = HARMLESS_PREAMBLE + files[0][128:]
     site_orthanc = _site_orthanc(tmp_path, site.peer)
     try:
-        study, by_id = _load_study(site_orthanc, files)
+        study, by_id = site_orthanc.load(files)
         _push_and_check(site_orthanc, private_orthanc, study, by_id, compress)
     finally:
         site_orthanc.stop()
@@ -78,7 +66,7 @@ def test_peer_push_with_bearer_header_and_large_instances(
     assert all(len(f) > 1024 * 1024 for f in files)
     site_orthanc = _site_orthanc(tmp_path, site.peer_bearer)
     try:
-        study, by_id = _load_study(site_orthanc, files)
+        study, by_id = site_orthanc.load(files)
         _push_and_check(site_orthanc, private_orthanc, study, by_id, compress=False)
     finally:
         site_orthanc.stop()
@@ -110,7 +98,7 @@ def test_orthanc_down_during_push_then_everything_arrives(
     files = make_study(n_series=2, per_series=3)
     site_orthanc = _site_orthanc(tmp_path, site.peer)
     try:
-        study, by_id = _load_study(site_orthanc, files)
+        study, by_id = site_orthanc.load(files)
         answer = site_orthanc.push_to_peer("intake", [study])
         assert answer.status_code == 200, answer.text
     finally:

@@ -222,6 +222,17 @@ class OrthancProcess:
         ids: list[str] = response.json()
         return ids
 
+    def load(self, files: list[bytes]) -> tuple[str, dict[str, bytes]]:
+        """Upload one study's files; its study ID and each instance ID → its bytes."""
+        by_id: dict[str, bytes] = {}
+        study = ""
+        for data in files:
+            answer = self.upload(data)
+            assert answer.status_code == 200, answer.text
+            by_id[answer.json()["ID"]] = data
+            study = answer.json()["ParentStudy"]
+        return study, by_id
+
     def instance_file(self, orthanc_id: str) -> bytes:
         """The stored file, byte for byte."""
         with self.client() as client:
