@@ -1,7 +1,8 @@
 """The deployment files keep their promises: checked statically, without Docker or nginx.
 
-Docker is not available where the suite runs, so the Dockerfile, deploy/compose.yml,
-the systemd unit and the nginx example are parsed and their invariants asserted: what
+The image itself is built and run with podman in tests/test_image.py; Docker, compose,
+systemd and nginx are not run where the suite runs, so the Dockerfile, deploy/compose.yml,
+the systemd unit and the nginx example are parsed here and their invariants asserted: what
 is published where, where passwords come from, who the service runs as, which routes a
 reverse proxy forwards, and that every ``INTAKE_*`` name they use is a real setting.
 """
