@@ -91,6 +91,21 @@ async def _until_closed_idle(proxy: IdleClosingProxy) -> None:
         await asyncio.sleep(0.05)
 
 
+def _behind(
+    make_intake: Callable[..., IntakeProcess], orthanc: OrthancProcess, proxy: IdleClosingProxy
+) -> IntakeProcess:
+    """An intake whose Orthanc is behind ``proxy``, keeping connections past its idle
+    close, with a first back-off long enough to tell a resend from a retry."""
+    intake: IntakeProcess = make_intake(
+        orthanc,
+        orthanc_url=proxy.url,
+        orthanc_keepalive_seconds=KEEPALIVE_PAST_THE_CLOSE,
+        forward_retry_base_seconds=RETRY_BASE_SECONDS,
+        forward_retry_max_seconds="60",
+    )
+    return intake
+
+
 @pytest.mark.parametrize("close", ["fin", "reset"])
 def test_a_forward_that_meets_a_closed_connection_is_sent_again_at_once(
     make_intake: Callable[..., IntakeProcess],
@@ -102,13 +117,7 @@ def test_a_forward_that_meets_a_closed_connection_is_sent_again_at_once(
     with one attempt and no error, back-off or retry counted."""
     files = make_study(n_series=1, per_series=5)
     with IdleClosingProxy(private_orthanc.port, close=close) as proxy:
-        intake = make_intake(
-            private_orthanc,
-            orthanc_url=proxy.url,
-            orthanc_keepalive_seconds=KEEPALIVE_PAST_THE_CLOSE,
-            forward_retry_base_seconds=RETRY_BASE_SECONDS,
-            forward_retry_max_seconds="60",
-        )
+        intake = _behind(make_intake, private_orthanc, proxy)
         site = intake.add_site("hospital-keepalive")
         ids, rows = [], []
         for data in files:
@@ -140,13 +149,7 @@ def test_a_new_connection_that_fails_is_a_real_failure(
     """Resent once on a new connection, which fails too: one failed attempt, backed off."""
     first, second = make_study(n_series=1, per_series=2)
     with IdleClosingProxy(private_orthanc.port) as proxy:
-        intake = make_intake(
-            private_orthanc,
-            orthanc_url=proxy.url,
-            orthanc_keepalive_seconds=KEEPALIVE_PAST_THE_CLOSE,
-            forward_retry_base_seconds=RETRY_BASE_SECONDS,
-            forward_retry_max_seconds="60",
-        )
+        intake = _behind(make_intake, private_orthanc, proxy)
         site = intake.add_site("hospital-keepalive")
         receipt = intake.upload(site, first).json()["IntakeReceipt"]
         _forwarded(engine, receipt)

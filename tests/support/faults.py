@@ -54,6 +54,7 @@ from sqlalchemy.engine import make_url
 
 from app.models import Upload
 from tests.support.intake import IntakeProcess, Site
+from tests.support.loop_thread import LoopThread
 from tests.support.orthanc import OrthancProcess, free_port
 from tests.support.studies import make_study
 
@@ -171,7 +172,7 @@ def _head_bytes(first_line: str, headers: dict[str, str], body: bytes) -> bytes:
     return ("\r\n".join([first_line, *kept]) + "\r\n\r\n").encode("latin-1")
 
 
-class HttpProxy:
+class HttpProxy(LoopThread):
     """An HTTP/1.1 proxy on 127.0.0.1 with a per-request policy, in a background thread.
 
     Each client connection carries one request; the answer says ``connection: close``.
@@ -179,74 +180,33 @@ class HttpProxy:
     closed without an answer, as the client would see it without the proxy.
     """
 
+    thread_name = "http-proxy"
+
     def __init__(self, upstream_port: int, policy: Policy = pass_all) -> None:
+        super().__init__()
         self.upstream_port = upstream_port
         self.policy = policy
-        self.port = 0
         self._exchanges: list[Exchange] = []
         self._lock = threading.Lock()
         self._count = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
-        self._closing: asyncio.Event | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def exchanges(self) -> list[Exchange]:
         with self._lock:
             return list(self._exchanges)
 
-    def start(self) -> None:
-        ready = threading.Event()
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            try:
-                loop.run_until_complete(self._serve(ready))
-            except BaseException as exc:  # reported to start(), then the thread ends
-                failure.append(exc)
-                ready.set()
-            finally:
-                loop.close()
-
-        self._thread = threading.Thread(target=run, name="http-proxy", daemon=True)
-        self._thread.start()
-        if not ready.wait(10) or failure:
-            raise RuntimeError(f"the test proxy did not start: {failure}")
-
     async def _serve(self, ready: threading.Event) -> None:
-        self._closing = asyncio.Event()
+        self._stopping = asyncio.Event()
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         ready.set()
         async with self._server:
-            await self._closing.wait()
+            await self._stopping.wait()
         # Connections still being served (a delayed answer) are cut off, cleanly.
         pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-
-    def stop(self) -> None:
-        loop, thread, closing = self._loop, self._thread, self._closing
-        if loop is None or thread is None or closing is None:
-            return
-        with contextlib.suppress(RuntimeError):  # the loop already ended
-            loop.call_soon_threadsafe(closing.set)
-        thread.join(15)
-        self._thread = None
-
-    def __enter__(self) -> HttpProxy:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def _record(self, exchange: Exchange) -> None:
         with self._lock:

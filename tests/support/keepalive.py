@@ -29,7 +29,9 @@ import socket
 import struct
 import threading
 from dataclasses import dataclass, replace
-from typing import Literal, Self
+from typing import Literal
+
+from tests.support.loop_thread import LoopThread
 
 Close = Literal["fin", "reset"]
 
@@ -86,26 +88,21 @@ def _message(first: str, fields: list[tuple[str, str]], body: bytes, extra: str 
     return ("\r\n".join([first, *kept]) + _HEAD_END.decode()).encode("latin-1") + body
 
 
-class IdleClosingProxy:
+class IdleClosingProxy(LoopThread):
     """In front of ``upstream_port`` on 127.0.0.1, in a background thread of its own."""
+
+    thread_name = "idle-closing-proxy"
 
     def __init__(
         self, upstream_port: int, *, close: Close = "fin", idle_seconds: float = 1.0
     ) -> None:
+        super().__init__()
         self.upstream_port = upstream_port
         self.close = close
         self.idle_seconds = idle_seconds
         self.drop = False
-        self.port = 0
         self._counts = Counts()
         self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping: asyncio.Event | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def counts(self) -> Counts:
         with self._lock:
@@ -117,42 +114,6 @@ class IdleClosingProxy:
             self._counts = replace(
                 now, **{name: getattr(now, name) + step for name, step in changes.items()}
             )
-
-    def start(self) -> None:
-        ready = threading.Event()
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            try:
-                loop.run_until_complete(self._serve(ready))
-            except BaseException as exc:  # reported to start(), then the thread ends
-                failure.append(exc)
-                ready.set()
-            finally:
-                loop.close()
-
-        self._thread = threading.Thread(target=run, name="idle-closing-proxy", daemon=True)
-        self._thread.start()
-        if not ready.wait(10) or failure:
-            raise RuntimeError(f"the idle-closing proxy did not start: {failure}")
-
-    def stop(self) -> None:
-        loop, thread, stopping = self._loop, self._thread, self._stopping
-        if loop is None or thread is None or stopping is None:
-            return
-        with contextlib.suppress(RuntimeError):  # the loop already ended
-            loop.call_soon_threadsafe(stopping.set)
-        thread.join(15)
-        self._thread = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     async def _serve(self, ready: threading.Event) -> None:
         self._stopping = asyncio.Event()
