@@ -341,10 +341,8 @@ def _utf8_skipping_invalid(raw: bytes) -> str:
             out.append(lead)
             i += 1
             continue
-        size = (
-            2 if 0xC2 <= lead <= 0xDF else 3 if 0xE0 <= lead <= 0xEF else 4 if lead <= 0xF4 else 0
-        )
-        if size == 0 or lead < 0xC2:
+        size = _sequence_size(lead)
+        if size == 0:
             i += 1
             continue
         j, whole = i + 1, True
