@@ -35,7 +35,7 @@ RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
     && rm /tmp/requirements.txt
 
 # The service runs from its source tree at /opt/orthanc-intake (an editable install):
-# app/migrations.py finds alembic.ini and alembic/ next to the `app` package, and the
+# app/db/migrations.py finds alembic.ini and alembic/ next to the `app` package, and the
 # upload page's files live in app/static/; a plain wheel carries neither.
 COPY README.md alembic.ini ./
 COPY alembic ./alembic

@@ -7,8 +7,8 @@ from logging.config import fileConfig
 from sqlalchemy import Connection
 
 from alembic import context
-from app.db import make_engine
-from app.models import Base
+from app.db.models import Base
+from app.db.sessions import make_engine
 from app.settings import Settings
 
 config = context.config

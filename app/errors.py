@@ -83,7 +83,7 @@ class IntakeError(Exception):
         self.detail = detail
         self.recorded = False  # set once counted in the metrics and the intake log
         self.logged = False  # set once the intake log has it as an upload's event
-        self.site: str | None = None  # whose request it refused, once known (app/refusals.py)
+        self.site: str | None = None  # whose request it refused, once known (access/refusals.py)
 
     @property
     def headers(self) -> Mapping[str, str]:

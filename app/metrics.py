@@ -25,7 +25,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.models import Site, State, Upload
+from app.db.models import Site, State, Upload
 
 log = logging.getLogger(__name__)
 

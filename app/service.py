@@ -14,21 +14,22 @@ from concurrent.futures import ThreadPoolExecutor
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from app import dicom, usage
-from app.access import Access
-from app.admins import AdminAccess
-from app.db import make_engine, make_read_sessionmaker, make_sessionmaker
+from app.access import quotas
+from app.access.admins import AdminAccess
+from app.access.gate import Access
+from app.db.models import utcnow
+from app.db.sessions import make_engine, make_read_sessionmaker, make_sessionmaker
+from app.dicom.summary import Limits as DicomLimits
+from app.dicom.validation import Validator
 from app.errors import ForwardError
-from app.forwarder import Forwarder
-from app.forwarder_process import ForwarderProcess
-from app.intake import Intake
+from app.forwarding.forwarder import Forwarder
+from app.forwarding.orthanc import OrthancClient
+from app.forwarding.process import ForwarderProcess
+from app.intake.pipeline import Intake
+from app.intake.spool import Spool
 from app.metrics import Metrics
-from app.models import utcnow
-from app.orthanc import OrthancClient
 from app.settings import Settings
-from app.spool import Spool
-from app.validation import Validator
-from app.webhooks import Webhooks
+from app.webhooks.notifier import Webhooks
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class Service:
         self.readers = make_read_sessionmaker(self.engine)  # queries that never write
         self.spool = Spool(settings.spool_dir, settings.spool_min_free_bytes, settings.node_name)
         self.validator = Validator(
-            dicom.Limits(
+            DicomLimits(
                 max_depth=settings.max_sequence_depth,
                 max_elements=settings.max_elements,
                 max_inflated_bytes=settings.max_inflated_bytes,
@@ -86,7 +87,7 @@ class Service:
             )
         )
         if self.settings.auto_migrate:
-            from app import migrations
+            from app.db import migrations
 
             await asyncio.to_thread(migrations.upgrade, self.settings.database_url)
         self.spool.ensure()
@@ -113,7 +114,7 @@ class Service:
 
         def prune() -> None:
             with self.sessions() as session:
-                usage.prune(session, utcnow())
+                quotas.prune(session, utcnow())
                 session.commit()
 
         while True:

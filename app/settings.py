@@ -36,7 +36,7 @@ from app.secret_files import SecretFiles
 MiB = 1024 * 1024
 
 # The folder holding app/ and alembic/: the service always runs from its source tree
-# (app/migrations.py). Its var/ is where `make run` has always kept its state.
+# (app/db/migrations.py). Its var/ is where `make run` has always kept its state.
 DEFAULT_HOME = Path(__file__).resolve().parent.parent / "var"
 ENV_FILE_NAME = "intake.env"
 _SQLITE_URL = re.compile(r"(?P<scheme>sqlite(?:\+\w+)?:///)(?P<path>[^?]*)(?P<query>\?.*)?", re.S)
@@ -303,7 +303,8 @@ class Settings(BaseSettings):
         "a larger one gets 413 and nothing is stored (a site's policy may set less).",
         json_schema_extra=_group(Group.UPLOADS),
     )
-    # A ZIP archive or multipart/STOW-RS body holds many instances (app/archive.py, parts.py).
+    # A ZIP archive or multipart/STOW-RS body holds many instances
+    # (intake/archive.py, intake/multipart.py).
     max_request_bytes: int = Field(
         default=4096 * MiB,
         gt=0,
@@ -488,7 +489,7 @@ class Settings(BaseSettings):
         json_schema_extra=_group(Group.STORAGE),
     )
 
-    # Access (app/access.py, app/sites.py).
+    # Access (app/access/gate.py, app/access/sites.py).
     # CIDRs whose X-Forwarded-For is believed: comma-separated, e.g. "10.0.0.5,fd00::/64".
     trusted_proxies: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -570,7 +571,7 @@ class Settings(BaseSettings):
         json_schema_extra=_group(Group.ADMIN),
     )
 
-    # Admin listener (app/admins.py).
+    # Admin listener (app/access/admins.py).
     admin_allowed_cidrs: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Comma-separated networks allowed to call the admin API (403 for "
@@ -585,7 +586,7 @@ class Settings(BaseSettings):
         json_schema_extra=_group(Group.ADMIN),
     )
 
-    # Study-arrived webhooks (app/webhooks.py).
+    # Study-arrived webhooks (app/webhooks/notifier.py).
     study_quiet_seconds: float = Field(
         default=300.0,
         gt=0,

@@ -6,7 +6,7 @@
   (checked every ``TLS_RELOAD_CHECK_SECONDS``) or on SIGHUP: new handshakes get the new
   certificate, connections already open keep theirs, nothing is restarted.
 - Mutual TLS (``TLS_CLIENT_CAFILE``): client certificates are verified against that CA
-  during the handshake; app/protocol.py puts the SHA-256 of the DER certificate a
+  during the handshake; app/api/protocol.py puts the SHA-256 of the DER certificate a
   connection presented in each request's ASGI ``state`` for the site check.
 """
 

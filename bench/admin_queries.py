@@ -3,9 +3,9 @@
 Run ``python -m bench.admin_queries [--database-url URL] [--rows N] [--runs N]``. It
 migrates the database, bulk-inserts N synthetic uploads (5 sites, ~20 instances per
 study, 90 days), then times each query through the domain functions the routes call
-(app.records, app.studies, app.stats), each in its own session as a request would
-be. It prints the median of ``--runs`` runs in ms and the ratio to a primary-key
-lookup measured in the same run. docs/PERFORMANCE.md records results.
+(app.admin.intake_log, app.admin.studies, app.admin.stats), each in its own session as a
+request would be. It prints the median of ``--runs`` runs in ms and the ratio to a
+primary-key lookup measured in the same run. docs/PERFORMANCE.md records results.
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ from sqlalchemy import Engine, insert, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from app import dicom, records, stats, studies
-from app.db import make_engine, make_sessionmaker
-from app.migrations import upgrade
-from app.models import Site, State, Upload
+from app.admin import intake_log, stats, studies
+from app.db.migrations import upgrade
+from app.db.models import Site, State, Upload
+from app.db.sessions import make_engine, make_sessionmaker
+from app.dicom.summary import orthanc_ids
 
 SITES = 5
 PER_STUDY = 20
@@ -40,7 +41,7 @@ BATCH = 10_000
 SLOW_MS = 50.0
 ROOT_UID = "1.2.826.0.1.3680043.8.498"  # pydicom's root, as the test studies use
 REJECTIONS = ("not_dicom", "missing_tag", "invalid_uid", "malformed")
-# What a refused upload does not record (app/intake.py keeps none of the file's tags).
+# What a refused upload does not record (app/intake/pipeline.py keeps none of the file's tags).
 _FROM_THE_FILE = (
     "sop_class_uid",
     "sop_instance_uid",
@@ -88,7 +89,7 @@ def _rows(
         for i in range(in_study):
             series_uid = f"{study_uid}.{i % n_series + 1}"
             sop_uid = f"{series_uid}.{i + 1}"
-            ids = dicom.orthanc_ids(patient, study_uid, series_uid, sop_uid)
+            ids = orthanc_ids(patient, study_uid, series_uid, sop_uid)
             at += timedelta(milliseconds=rng.randint(50, 900))
             roll = rng.random()
             row: dict[str, Any] = {
@@ -188,53 +189,56 @@ def cases(targets: Targets) -> list[tuple[str, Callable[[Session], object]]]:
         raise SystemExit("--rows is too small to pick targets from")
     today = datetime.now(UTC)
     one_day = (targets.deep[0] - timedelta(hours=12), targets.deep[0] + timedelta(hours=12))
-    deep_cursor = records.encode_cursor(*targets.deep)
+    deep_cursor = intake_log.encode_cursor(*targets.deep)
     newest = studies.latest
     return [
         (
             "(B) primary-key lookup",
             lambda s: s.execute(select(Upload.id, Upload.state).where(Upload.id == 12345)).all(),
         ),
-        ("log: latest page (100)", lambda s: records.search(s, records.Filters())),
+        ("log: latest page (100)", lambda s: intake_log.search(s, intake_log.Filters())),
         (
             "log: page from a cursor 45 days back",
-            lambda s: records.search(s, records.Filters(), cursor=deep_cursor),
+            lambda s: intake_log.search(s, intake_log.Filters(), cursor=deep_cursor),
         ),
-        ("log: site, latest page", lambda s: records.search(s, records.Filters(site=targets.site))),
+        (
+            "log: site, latest page",
+            lambda s: intake_log.search(s, intake_log.Filters(site=targets.site)),
+        ),
         (
             "log: site + 24 h range",
-            lambda s: records.search(
+            lambda s: intake_log.search(
                 s,
-                records.Filters(
+                intake_log.Filters(
                     site=targets.site, received_from=one_day[0], received_to=one_day[1]
                 ),
             ),
         ),
         (
             "log: state=quarantined",
-            lambda s: records.search(s, records.Filters(states=(State.QUARANTINED,))),
+            lambda s: intake_log.search(s, intake_log.Filters(states=(State.QUARANTINED,))),
         ),
         (
             "log: by Study UID",
-            lambda s: records.search(s, records.Filters(study_uid=targets.study_uid)),
+            lambda s: intake_log.search(s, intake_log.Filters(study_uid=targets.study_uid)),
         ),
         (
             "log: by PatientID",
-            lambda s: records.search(s, records.Filters(patient_id=targets.patient_id)),
+            lambda s: intake_log.search(s, intake_log.Filters(patient_id=targets.patient_id)),
         ),
         (
             "log: by SOP Instance UID",
-            lambda s: records.search(s, records.Filters(sop_uid=targets.sop_uid)),
+            lambda s: intake_log.search(s, intake_log.Filters(sop_uid=targets.sop_uid)),
         ),
         (
             "log: by Series UID",
-            lambda s: records.search(s, records.Filters(series_uid=targets.series_uid)),
+            lambda s: intake_log.search(s, intake_log.Filters(series_uid=targets.series_uid)),
         ),
         (
             "log: by Orthanc study ID",
-            lambda s: records.search(s, records.Filters(orthanc_id=targets.orthanc_study_id)),
+            lambda s: intake_log.search(s, intake_log.Filters(orthanc_id=targets.orthanc_study_id)),
         ),
-        ("log: one record", lambda s: records.show(s, 12345)),
+        ("log: one record", lambda s: intake_log.show(s, 12345)),
         ("studies: latest page (50)", lambda s: newest(s, studies.StudyFilters(), quiet)),
         (
             "studies: page from a cursor 45 days back",

@@ -26,13 +26,13 @@ from pathlib import Path
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from app import admins, sites
-from app.access import Access
-from app.admins import PASSWORDS, AdminAccess
-from app.auth import _CHECK_LEN, TOKEN_PREFIX, _checksum, new_token
-from app.db import make_engine, make_sessionmaker
+from app.access import admins, sites
+from app.access.admins import PASSWORDS, AdminAccess
+from app.access.gate import Access
+from app.access.tokens import _CHECK_LEN, TOKEN_PREFIX, _checksum, new_token
+from app.db.migrations import upgrade
+from app.db.sessions import make_engine, make_sessionmaker
 from app.errors import Unauthenticated
-from app.migrations import upgrade
 from app.settings import Settings
 
 TARGET_US = 200.0  # "Authentication + policy checks: < 0.2 ms per request"

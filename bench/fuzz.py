@@ -6,8 +6,8 @@ Run ``python -m bench.fuzz [--engine hypothesis|atheris] [--examples N] [--secon
 - ``hypothesis`` (the default): the mutation strategy of ``tests/support/hostile.py``
   (byte flips, truncation, insertion, deletion, splices, extreme length fields) over
   generated instances and pydicom's bundled test files, ``--examples`` of them.
-- ``atheris``: libFuzzer, coverage-guided, over the same seeds, with ``app.dicom``,
-  ``app.dicom_scan`` and pydicom instrumented; in a child process (libFuzzer ends the
+- ``atheris``: libFuzzer, coverage-guided, over the same seeds, with ``app.dicom.summary``,
+  ``app.dicom.scan`` and pydicom instrumented; in a child process (libFuzzer ends the
   process when it is done), ``--examples`` runs or ``--seconds``, whichever is first,
   each input within libFuzzer's ``-timeout`` of 2 s.
 
@@ -58,7 +58,7 @@ def _report(
 def _caught(path: str, limits: Any, label: str, caught: dict[str, str]) -> None:
     """Keep the detail of the first input per label that reached read_summary's catch-all
     (a pydicom exception the bounded scan did not pre-empt)."""
-    from app.dicom import read_summary
+    from app.dicom.summary import read_summary
     from app.errors import IntakeError
 
     if "pydicom" not in label or label in caught:
@@ -72,7 +72,7 @@ def _caught(path: str, limits: Any, label: str, caught: dict[str, str]) -> None:
 def run_hypothesis(examples: int, limits_name: str) -> int:
     from hypothesis import HealthCheck, given, settings
 
-    from app.dicom import Limits
+    from app.dicom.summary import Limits
     from tests.support.hostile import fuzz_seeds, mutated, validate_once
 
     limits = Limits(**_LIMITS[limits_name])
@@ -170,8 +170,8 @@ def atheris_child(stats: str, examples: int, limits_name: str, fuzzer_args: list
     import atheris  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
     with atheris.instrument_imports(include=["app", "pydicom"]):
-        from app import part10  # noqa: F401 - the parser: read_summary imports it lazily
-        from app.dicom import Limits
+        from app.dicom import part10  # noqa: F401 - the parser: read_summary imports it lazily
+        from app.dicom.summary import Limits
     from tests.support.hostile import validate_once
 
     limits = Limits(**_LIMITS[limits_name])

@@ -154,7 +154,7 @@ def _short(command: str) -> str:
         return "validation worker"
     if "resource_tracker" in command:
         return "multiprocessing resource tracker"
-    if "app.forwarder_process" in command:
+    if "app.forwarding.process" in command:
         return "forwarder process"
     return command[:60]
 

@@ -113,7 +113,7 @@ def _process_label(stack_text: str) -> tuple[str, str]:
     innermost = commands[-1] if commands else ""
     if "multiprocessing" in innermost:
         label = "validation workers (and multiprocessing helpers)"
-    elif "app.forwarder_process" in innermost:
+    elif "app.forwarding.process" in innermost:
         label = "forwarder process"
     elif "app serve" in innermost or not commands:
         label = "intake main process"
@@ -124,10 +124,16 @@ def _process_label(stack_text: str) -> tuple[str, str]:
 
 # Which job of the intake a stack serves, by the first app/ module that shows it.
 _JOBS: list[tuple[str, tuple[str, ...]]] = [
-    ("forwarding (claim, POST to Orthanc, mark forwarded)", ("(app/forwarder.py)",)),
+    ("forwarding (claim, POST to Orthanc, mark forwarded)", ("(app/forwarding/forwarder.py)",)),
     (
         "receiving (HTTP, auth, spool, validate, persist)",
-        ("(app/api/", "(app/intake.py)", "(app/spool.py)", "(app/access.py)", "(app/dicom"),
+        (
+            "(app/api/",
+            "(app/intake/pipeline.py)",
+            "(app/intake/spool.py)",
+            "(app/access/gate.py)",
+            "(app/dicom",
+        ),
     ),
 ]
 
@@ -163,7 +169,7 @@ def summarise(path: Path, seconds: float | None = None, top: int = 15) -> str:
         if process == "intake main process":
             per_job[_job(stack)] += count
         for frame in set(stack):
-            if "(app/" in frame and "(app/cli.py)" not in frame and "__main__" not in frame:
+            if "(app/" in frame and "(app/cli/main.py)" not in frame and "__main__" not in frame:
                 inclusive[frame] += count
         if stack:
             leaf[stack[-1]] += count

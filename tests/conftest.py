@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from app import migrations
+from app.db import migrations
 from tests.support import leaks, postgres
 from tests.support.intake import Admin, IntakeProcess, Site
 from tests.support.orthanc import OrthancProcess

@@ -24,16 +24,16 @@ from pydicom.uid import CTImageStorage, MRImageStorage
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session
 
-from app import auth
-from app.models import Site as SiteRow
-from app.models import Upload, UploadSlot
+from app.access import tokens
+from app.db.models import Site as SiteRow
+from app.db.models import Upload, UploadSlot
 from tests.support.intake import IntakeProcess, Site, wait_until
 from tests.support.orthanc import OrthancProcess
 from tests.support.studies import make_study
 
 MakeIntake = Callable[..., IntakeProcess]
 
-# app/access.py documents that revocation, expiry and policy changes take effect
+# app/access/gate.py documents that revocation, expiry and policy changes take effect
 # within auth_cache_seconds (default 5); MARGIN covers a poll interval and scheduling.
 DOCUMENTED_CACHE_SECONDS = 5.0
 MARGIN_SECONDS = 1.5
@@ -150,7 +150,7 @@ def _rows_with_sop(intake: IntakeProcess, sop_uid: str) -> int:
 
 
 def _upload_slots(intake: IntakeProcess) -> int:
-    """Uploads in progress, as the concurrency limit counts them (app/usage.py)."""
+    """Uploads in progress, as the concurrency limit counts them (app/access/quotas.py)."""
     with _db(intake) as session:
         count = session.scalar(select(func.count(UploadSlot.id)))
     return int(count or 0)
@@ -536,7 +536,7 @@ def test_content_allow_list_refuses_other_instances_with_403(
 
 def _fail_ten_times(intake: IntakeProcess, source: str) -> None:
     for _ in range(10):
-        assert _post(intake, _bearer(auth.new_token()), source).status_code == 401
+        assert _post(intake, _bearer(tokens.new_token()), source).status_code == 401
 
 
 def test_wrong_tokens_block_the_address_even_for_a_correct_new_token(
@@ -547,7 +547,7 @@ def test_wrong_tokens_block_the_address_even_for_a_correct_new_token(
     fresh = intake.add_site("never-seen-here")
     _fail_ten_times(intake, "127.0.0.6")
 
-    blocked = _post(intake, _bearer(auth.new_token()), "127.0.0.6")
+    blocked = _post(intake, _bearer(tokens.new_token()), "127.0.0.6")
     assert "failed authentications" in _orthanc_error(blocked, 429)["Details"]
     _retry_after(blocked.headers)
     correct = _upload(intake, fresh, _one_instance(), source="127.0.0.6")
@@ -564,7 +564,7 @@ def test_blocked_address_does_not_lock_out_other_addresses_or_known_tokens(
     neighbour = intake.add_site("same-nat")
     assert _upload(intake, neighbour, _one_instance(), source="127.0.0.6").status_code == 200
     _fail_ten_times(intake, "127.0.0.6")
-    assert _post(intake, _bearer(auth.new_token()), "127.0.0.6").status_code == 429
+    assert _post(intake, _bearer(tokens.new_token()), "127.0.0.6").status_code == 429
 
     assert _upload(intake, elsewhere, _one_instance(), source="127.0.0.7").status_code == 200
     assert _upload(intake, neighbour, _one_instance(), source="127.0.0.6").status_code == 200

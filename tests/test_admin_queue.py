@@ -21,8 +21,8 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db import make_engine, make_sessionmaker
-from app.models import Site, State, Upload, utcnow
+from app.db.models import Site, State, Upload, utcnow
+from app.db.sessions import make_engine, make_sessionmaker
 from tests.conftest import BACKENDS, Templates
 from tests.support.intake import Admin, IntakeProcess, wait_until
 from tests.support.intake import Site as SiteCredentials

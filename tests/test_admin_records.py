@@ -13,10 +13,10 @@ import httpx
 import pytest
 from sqlalchemy import insert, select
 
-from app import studies
-from app.db import make_engine, make_sessionmaker
-from app.models import Site as SiteRow
-from app.models import Upload
+from app.admin import studies
+from app.db.models import Site as SiteRow
+from app.db.models import Upload
+from app.db.sessions import make_engine, make_sessionmaker
 from tests.support.intake import Admin, IntakeProcess, Site, wait_until
 from tests.support.studies import make_study
 
@@ -230,7 +230,7 @@ def test_studies_count_instances_series_and_states(
     study_uid = _all(api, "/api/uploads", orthanc_id=answers[0]["ParentStudy"])[0][
         "study_instance_uid"
     ]
-    # A refusal that knew its study (the intake records none today: see app/intake.py).
+    # A refusal that knew its study (the intake records none today: see app/intake/pipeline.py).
     _insert(
         intake,
         site.name,

@@ -1,4 +1,4 @@
-"""app/archive.py on its own: every ZIP bound holds before a byte is inflated."""
+"""app/intake/archive.py on its own: every ZIP bound holds before a byte is inflated."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from app import archive
 from app.errors import ArchiveTooLarge, MalformedArchive, NestedArchive
-from app.spool import Spool
+from app.intake import archive
+from app.intake.spool import Spool
 from tests.support.archives import (
     claims_entries,
     corrupt_crc,

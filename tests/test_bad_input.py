@@ -16,8 +16,8 @@ import pydicom
 import pytest
 from sqlalchemy import create_engine, select
 
-from app.models import Site as SiteRow
-from app.models import State, Upload
+from app.db.models import Site as SiteRow
+from app.db.models import State, Upload
 from tests.support.intake import IntakeProcess, Site, wait_until
 from tests.support.orthanc import OrthancProcess
 from tests.support.shared import shared_intake_fixtures

@@ -13,9 +13,10 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
-from app import admins, auth, migrations
-from app.db import make_engine, make_sessionmaker
-from app.models import Admin
+from app.access import admins, tokens
+from app.db import migrations
+from app.db.models import Admin
+from app.db.sessions import make_engine, make_sessionmaker
 from tests.support.intake import ROOT
 
 
@@ -56,7 +57,7 @@ def test_migrate_then_sites_add_json(tmp_path: Path, empty_database_url: str) ->
     assert done.returncode == 0, done.stderr
     data = json.loads(done.stdout)
     assert data["site"] == "hospital-a"
-    assert auth.is_well_formed(data["token"])
+    assert tokens.is_well_formed(data["token"])
     assert data["orthanc_peer"] == {
         "Url": "https://intake.example.org/",
         "Username": "hospital-a",
@@ -152,8 +153,8 @@ def test_site_lifecycle_commands_speak_json(tmp_path: Path, database_url: str) -
     assert rotated["orthanc_peer"]["Password"] == rotated["token"]
     shown = _json(_run(tmp_path, database_url, "sites", "show", "lab", "--json"))
     assert [t["prefix"] for t in shown["tokens"]] == [
-        auth.display_prefix(first["token"]),
-        auth.display_prefix(rotated["token"]),
+        tokens.display_prefix(first["token"]),
+        tokens.display_prefix(rotated["token"]),
     ]
     assert first["token"] not in json.dumps(shown)
     old, new = shown["tokens"]

@@ -23,7 +23,7 @@ from sqlalchemy.exc import ArgumentError
 from starlette.routing import BaseRoute, Match
 
 from app.api import dicomweb, pages, public
-from app.main import create_admin_app, create_public_app
+from app.api.apps import create_admin_app, create_public_app
 from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -501,7 +501,7 @@ def test_dockerfile_installs_runtime_dependencies_only() -> None:
 
 
 def test_dockerfile_ships_migrations_beside_the_package() -> None:
-    """app/, alembic/ and alembic.ini land in one folder: app/migrations.py looks there."""
+    """app/, alembic/ and alembic.ini land in one folder: app/db/migrations.py looks there."""
     builder = _dockerfile_stages()[0]
     workdir = ""
     destinations: dict[str, str] = {}

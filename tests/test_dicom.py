@@ -1,4 +1,4 @@
-"""Tests for app.dicom: bounded validation of real Part 10 files, Orthanc IDs, preambles."""
+"""Tests for app.dicom.summary: bounded validation of real Part 10 files, Orthanc IDs, preambles."""
 
 from __future__ import annotations
 
@@ -17,7 +17,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.dicom import Limits, Summary, classify_preamble, orthanc_hash, orthanc_ids, read_summary
+from app.dicom.summary import (
+    Limits,
+    Summary,
+    classify_preamble,
+    orthanc_hash,
+    orthanc_ids,
+    read_summary,
+)
 from app.errors import (
     BadUpload,
     CorruptCompression,

@@ -22,13 +22,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.uid import generate_uid
 
-from app import admins, auth, sites
+from app.access import admins, sites, tokens
 from tests.dicom_samples import make_instance
 from tests.support.intake import Admin, IntakeProcess, Site
 
 # One line of the text log begins like this; a forged line would too.
 _LOG_LINE_START = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2},\d{3} ")
-_FORGED = "2000-01-01 00:00:00,000 WARNING app.access: security: forged"
+_FORGED = "2000-01-01 00:00:00,000 WARNING app.access.gate: security: forged"
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
@@ -81,8 +81,8 @@ def test_non_ascii_token_checksums_are_401_and_throttled(
     shared_intake: IntakeProcess, fresh_site: Site, listener: str, scheme: str
 ) -> None:
     """A token whose checksum is not ASCII is a 401 counted by the throttle: ten, then 429."""
-    prefix = auth.TOKEN_PREFIX if listener == "public" else auth.ADMIN_TOKEN_PREFIX
-    token = _non_ascii_checksum(auth.new_token(prefix))
+    prefix = tokens.TOKEN_PREFIX if listener == "public" else tokens.ADMIN_TOKEN_PREFIX
+    token = _non_ascii_checksum(tokens.new_token(prefix))
     if scheme == "bearer":
         credentials = b"Bearer " + token.encode("latin-1")
     else:

@@ -26,7 +26,7 @@ import httpx
 import pytest
 from sqlalchemy.engine import make_url
 
-from app.db import SQLITE_BUSY_TIMEOUT_MS
+from app.db.sessions import SQLITE_BUSY_TIMEOUT_MS
 from tests.support import postgres
 from tests.support.archives import make_zip
 from tests.support.faults import (

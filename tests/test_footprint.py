@@ -19,7 +19,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, text
 
 from alembic import command
-from app import migrations
+from app.db import migrations
 from tests import dicom_samples as samples
 from tests.support.intake import ROOT, IntakeProcess, children, current_rss, wait_until
 from tests.support.orthanc import OrthancProcess
@@ -57,9 +57,9 @@ def _settings_env(tmp_path: Path, database_url: str) -> dict[str, str]:
 
 
 def test_building_the_apps_imports_no_parser_and_no_alembic(tmp_path: Path) -> None:
-    """app.main and both apps, on default settings, need none of pydicom, numpy, alembic."""
+    """app.api.apps and both apps, on default settings, need none of pydicom, numpy, alembic."""
     script = (
-        "from app.main import create_admin_app, create_public_app\n"
+        "from app.api.apps import create_admin_app, create_public_app\n"
         "from app.settings import Settings\n"
         "settings = Settings()\n"
         "create_public_app(settings)\n"
@@ -79,7 +79,7 @@ def test_a_started_service_validates_in_a_worker_without_importing_the_parser(
     script = (
         "import asyncio\n"
         "from pathlib import Path\n"
-        "from app.main import create_admin_app, create_public_app\n"
+        "from app.api.apps import create_admin_app, create_public_app\n"
         "from app.service import Service\n"
         "from app.settings import Settings\n"
         "async def main() -> None:\n"
@@ -151,7 +151,7 @@ def test_a_database_with_an_unknown_revision_is_not_current(database_url: str) -
 def test_upgrading_a_current_database_imports_no_alembic(database_url: str) -> None:
     """`serve` migrates first by default: on a migrated database that costs no alembic."""
     migrations.upgrade(database_url)
-    script = "from app import migrations\nmigrations.upgrade(sys.argv[1])\n"
+    script = "from app.db import migrations\nmigrations.upgrade(sys.argv[1])\n"
     assert _heavy_modules_after(script, database_url) == []
 
 

@@ -27,13 +27,14 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app import migrations, sites
-from app.db import make_engine, make_sessionmaker
-from app.forwarder import Forwarder, _Claim
-from app.models import Site, State, Upload, utcnow
-from app.orthanc import OrthancClient
+from app.access import sites
+from app.db import migrations
+from app.db.models import Site, State, Upload, utcnow
+from app.db.sessions import make_engine, make_sessionmaker
+from app.forwarding.forwarder import Forwarder, _Claim
+from app.forwarding.orthanc import OrthancClient
+from app.intake.spool import QUARANTINE, QUEUE, TMP, Spool
 from app.settings import Settings
-from app.spool import QUARANTINE, QUEUE, TMP, Spool
 from tests.support.intake import wait_until
 
 USERNAME = "u"

@@ -1,4 +1,4 @@
-"""The forwarder's own process (app/forwarder_process.py), with a real service and Orthanc:
+"""The forwarder's own process (app/forwarding/process.py), with a real service and Orthanc:
 woken by the service, counted in its metrics, replaced when it dies, gone with its service."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, select
 
-from app.forwarder_process import ForwarderProcess
+from app.db.models import Upload
+from app.forwarding.process import ForwarderProcess
 from app.metrics import Metrics
-from app.models import Upload
 from app.settings import Settings
 from tests.support.intake import IntakeProcess, is_alive, wait_until
 from tests.support.orthanc import OrthancProcess

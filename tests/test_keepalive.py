@@ -22,8 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, create_engine, select
 from sqlalchemy.orm import Session
 
-from app.models import State, Upload, utcnow
-from app.orthanc import OrthancClient
+from app.db.models import State, Upload, utcnow
+from app.forwarding.orthanc import OrthancClient
 from app.settings import Settings
 from tests.support.intake import IntakeProcess, wait_until
 from tests.support.keepalive import Close, IdleClosingProxy

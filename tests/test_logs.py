@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from app import logs, records
-from app.models import State
+from app import logs
+from app.admin import intake_log
+from app.db.models import State
 from tests.support.intake import IntakeProcess, wait_until
 from tests.support.leaks import Registry, python_warnings
 from tests.support.orthanc import OrthancProcess
@@ -45,9 +46,9 @@ def test_the_json_formatter_leaves_out_uvicorns_coloured_copy_of_the_message() -
 
 def test_an_upload_record_holds_its_state_as_the_enum_it_declares() -> None:
     """The column reads back as a string; pydantic warned on every record it serialized."""
-    row: list[object] = [None] * len(records.FIELDS)
-    row[records.FIELDS.index("state")] = "queued"
-    record = records._record(row)
+    row: list[object] = [None] * len(intake_log.FIELDS)
+    row[intake_log.FIELDS.index("state")] = "queued"
+    record = intake_log._record(row)
     assert record.state is State.QUEUED
 
 
@@ -84,7 +85,7 @@ def test_a_python_warning_in_a_service_log_is_found(text: str, tmp_path: Path) -
 @pytest.mark.parametrize(
     "line",
     [
-        "2026-01-01 00:00:00,000 WARNING app.access: security: site=a refused",
+        "2026-01-01 00:00:00,000 WARNING app.access.gate: security: site=a refused",
         "2026-01-01 INFO alembic: Running upgrade 0005 -> 0006, Warnings on an upload's row",
         '{"event": "upload", "warnings": ["UserWarning: a Modality a site chose"]}',
     ],

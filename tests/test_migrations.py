@@ -12,9 +12,9 @@ from sqlalchemy import create_engine, func, inspect, select, text
 from sqlalchemy.orm import Session
 
 from alembic import command
-from app.db import make_engine, make_read_sessionmaker, make_sessionmaker
-from app.migrations import alembic_config, upgrade
-from app.models import Base, Site
+from app.db.migrations import alembic_config, upgrade
+from app.db.models import Base, Site
+from app.db.sessions import make_engine, make_read_sessionmaker, make_sessionmaker
 
 
 def test_autogenerate_finds_nothing_to_do(empty_database_url: str) -> None:

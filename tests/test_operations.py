@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, select
 
-from app.models import Upload
+from app.db.models import Upload
 from tests.support.intake import ROOT, IntakeProcess, wait_until
 from tests.support.orthanc import OrthancProcess
 from tests.support.studies import make_study

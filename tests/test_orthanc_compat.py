@@ -22,7 +22,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, select
 from sqlalchemy.orm import Session
 
-from app.models import State, Upload
+from app.db.models import State, Upload
 from tests.support.intake import IntakeProcess, Site, wait_until
 from tests.support.orthanc import OrthancProcess
 
@@ -46,7 +46,8 @@ POLICY_REFUSALS: dict[str, str] = {}
 INTAKE_ONLY: set[str] = set()
 
 # Files whose answered IDs may differ from Orthanc's: none. (rtdose_rle*.dcm, whose
-# elements are all VR UN, did until app/dicom.py hashed UN values as stored, as Orthanc does.)
+# elements are all VR UN, did until app/dicom/summary.py hashed UN values as
+# stored, as Orthanc does.)
 KNOWN_ID_MISMATCHES: set[str] = set()
 
 

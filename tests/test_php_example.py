@@ -11,7 +11,7 @@ from pathlib import Path
 import pydicom
 from sqlalchemy import create_engine, select
 
-from app.models import State, Upload
+from app.db.models import State, Upload
 from tests.support.intake import ROOT, Admin, IntakeProcess, wait_until
 from tests.support.orthanc import OrthancProcess, refusing_uploads
 from tests.support.studies import make_study

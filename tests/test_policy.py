@@ -1,4 +1,4 @@
-"""A site's policy value (app/policy.py): address allow-list, content, size; no I/O."""
+"""A site's policy value (app/access/policy.py): address allow-list, content, size; no I/O."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import ipaddress
 
 import pytest
 
-from app.dicom import Summary
+from app.access.policy import SitePolicy, parse_address, parse_networks
+from app.dicom.summary import Summary
 from app.errors import AddressNotAllowed, ContentNotAllowed
-from app.policy import SitePolicy, parse_address, parse_networks
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"

@@ -8,7 +8,7 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, update
 
-from app.models import SiteToken, utcnow
+from app.db.models import SiteToken, utcnow
 from tests.support.intake import IntakeProcess, Site, wait_until
 from tests.support.orthanc import OrthancProcess
 from tests.support.shared import shared_intake_fixtures

@@ -1,4 +1,4 @@
-"""The refusal log (app/refusals.py): a line for each request refused before anything of
+"""The refusal log (app/access/refusals.py): a line for each request refused before anything of
 it was stored, at a bounded rate; the buckets with a hand-driven clock, then end to end."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from app import sites
-from app.refusals import EVENT, SUMMARY_EVENT, Rates, Refusal, RefusalLog
+from app.access import sites
+from app.access.refusals import EVENT, SUMMARY_EVENT, Rates, Refusal, RefusalLog
 from tests.support.intake import IntakeProcess, Site, wait_until
 from tests.support.orthanc import OrthancProcess
 from tests.support.studies import make_study
@@ -45,7 +45,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def caplog_info(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
-    caplog.set_level(logging.INFO, logger="app.refusals")
+    caplog.set_level(logging.INFO, logger="app.access.refusals")
     return caplog
 
 

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from sqlalchemy import create_engine, select
 
-from app.models import State, Upload
+from app.db.models import State, Upload
 from tests.support.intake import IntakeProcess, children, is_alive, wait_until
 from tests.support.orthanc import OrthancProcess
 from tests.support.studies import make_study

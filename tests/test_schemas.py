@@ -44,7 +44,7 @@ from schemathesis.schemas import BaseSchema
 from schemathesis.transport import SerializationContext
 from schemathesis.transport.serialization import serialize_binary
 
-from app.main import create_public_app
+from app.api.apps import create_public_app
 from app.settings import Settings
 from tests.support.intake import Admin, IntakeProcess, Site
 from tests.support.orthanc import OrthancProcess

@@ -18,7 +18,7 @@ from app.errors import (
     SpoolFull,
     UnsupportedEncoding,
 )
-from app.spool import QUEUE, Received, Spool
+from app.intake.spool import QUEUE, Received, Spool
 
 DICM = b"\0" * 128 + b"DICM" + b"rest of the file" * 10
 

@@ -1,4 +1,4 @@
-"""Failed-authentication throttling per client address (app/throttle.py), no I/O."""
+"""Failed-authentication throttling per client address (app/access/throttle.py), no I/O."""
 
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ from types import SimpleNamespace
 
 import pytest
 
-from app import throttle
-from app.throttle import AuthThrottle, client_key
+from app.access import throttle
+from app.access.throttle import AuthThrottle, client_key
 
 GOOD = "a" * 64  # a token digest that authenticated from the address
 OTHER = "b" * 64
 
 
 class Clock:
-    """A hand-driven ``time.monotonic`` for app.throttle."""
+    """A hand-driven ``time.monotonic`` for app.access.throttle."""
 
     def __init__(self) -> None:
         self.now = 1000.0
@@ -26,7 +26,7 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     clock = Clock()
-    # Only app.throttle sees the fake clock; the real time module is left alone.
+    # Only app.access.throttle sees the fake clock; the real time module is left alone.
     monkeypatch.setattr(throttle, "time", SimpleNamespace(monotonic=clock))
     return clock
 

@@ -26,8 +26,9 @@ import pydicom
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import auth, uploader
-from app.dicom import orthanc_ids
+from app.access import tokens
+from app.dicom.summary import orthanc_ids
+from app.uploader import sender
 from tests.support.certs import make_server_cert
 from tests.support.intake import ROOT, IntakeProcess, Site, wait_until
 from tests.support.orthanc import OrthancProcess, free_port
@@ -230,7 +231,7 @@ def test_a_wrong_token_stops_the_run_after_one_request_with_exit_3(
     # Two failures block the address, so the probes below count the command's requests.
     intake = make_intake(private_orthanc, auth_max_failures="2")
     intake.add_site("hospital-a")
-    wrong = auth.new_token()
+    wrong = tokens.new_token()
     _write(tmp_path / "study", make_study(n_series=1, per_series=5))
 
     done = _run(intake, "hospital-a", wrong, str(tmp_path / "study"), token_in_env=False)
@@ -256,7 +257,7 @@ def test_too_many_concurrent_uploads_are_retried_until_accepted(
     intake: IntakeProcess, site: Site, private_orthanc: OrthancProcess, tmp_path: Path
 ) -> None:
     """Real 429s (one upload at a time for the site, four in flight) are waited out."""
-    # --json: the text form fails on a never-used token (app/cli.py `_show`).
+    # --json: the text form fails on a never-used token (app/cli/main.py `_show`).
     policy = intake.cli("sites", "policy", site.name, "--max-concurrent-uploads", "1", "--json")
     assert policy.returncode == 0, policy.stderr
     # 128 KiB files keep each upload busy long enough for the four to overlap.
@@ -578,7 +579,7 @@ def test_accepted_while_the_archive_is_down_is_said_to_be_queued(
     ],
 )
 def test_instances_url_keeps_a_path_prefix(given: str, expected: str) -> None:
-    assert str(uploader.instances_url(given)) == expected
+    assert str(sender.instances_url(given)) == expected
 
 
 @pytest.mark.parametrize(
@@ -586,7 +587,7 @@ def test_instances_url_keeps_a_path_prefix(given: str, expected: str) -> None:
 )
 def test_instances_url_refuses_what_is_not_a_plain_http_url(given: str) -> None:
     with pytest.raises(ValueError, match="URL"):
-        uploader.instances_url(given)
+        sender.instances_url(given)
 
 
 def test_folder_walk_is_sorted_and_skips_what_is_not_an_instance(tmp_path: Path) -> None:
@@ -612,8 +613,8 @@ def test_folder_walk_is_sorted_and_skips_what_is_not_an_instance(tmp_path: Path)
     loose = tmp_path / "loose.txt"
     loose.write_text("sent anyway: it was named on the command line")
 
-    report = uploader.Report()
-    items = uploader.collect([root, loose], report)
+    report = sender.Report()
+    items = sender.collect([root, loose], report)
 
     assert [(i.path, i.content_type) for i in items] == [
         (root / "a" / "x.zip", "application/zip"),
@@ -634,19 +635,19 @@ def test_folder_walk_is_sorted_and_skips_what_is_not_an_instance(tmp_path: Path)
 
 def test_retry_delay_grows_honours_retry_after_and_is_capped() -> None:
     for _ in range(50):
-        assert 0.5 <= uploader.retry_delay(0, None) <= 1
-        assert 4 <= uploader.retry_delay(3, None) <= 8
-        assert 5 <= uploader.retry_delay(0, 5) <= 6
-        assert uploader.retry_delay(2, 3600) == uploader.MAX_WAIT_SECONDS
-        assert uploader.retry_delay(30, None) == uploader.MAX_WAIT_SECONDS
+        assert 0.5 <= sender.retry_delay(0, None) <= 1
+        assert 4 <= sender.retry_delay(3, None) <= 8
+        assert 5 <= sender.retry_delay(0, 5) <= 6
+        assert sender.retry_delay(2, 3600) == sender.MAX_WAIT_SECONDS
+        assert sender.retry_delay(30, None) == sender.MAX_WAIT_SECONDS
 
 
 def _serve(
     tmp_path: Path, handler: Callable[[httpx.Request], httpx.Response], n: int = 1, **kwargs: Any
-) -> uploader.Report:
+) -> sender.Report:
     folder = tmp_path / "files"
     _write(folder, [bytes(128) + b"DICM" + bytes([k]) * 70_000 for k in range(n)])
-    return uploader.upload(
+    return sender.upload(
         [folder],
         "http://intake.test/prefix/",
         "site-a",
@@ -726,16 +727,16 @@ def test_a_zip_answer_counts_each_entry(tmp_path: Path) -> None:
 
     archive = tmp_path / "a.zip"
     archive.write_bytes(b"PK\x03\x04" + bytes(100))
-    report = uploader.upload(
+    report = sender.upload(
         [archive], "http://intake.test", "s", "t", transport=httpx.MockTransport(handler)
     )
 
     assert (report.accepted, report.duplicates, report.quarantined) == (1, 1, 1)
     assert report.rejected == [
-        uploader.Problem(f"{archive} #4", 400, "malformed", "short"),
-        uploader.Problem(f"{archive}!b/c", 200, "?"),
+        sender.Problem(f"{archive} #4", 400, "malformed", "short"),
+        sender.Problem(f"{archive}!b/c", 200, "?"),
     ]
-    assert report.failed == [uploader.Problem(f"{archive} #5", 429, "rate_limited")]
+    assert report.failed == [sender.Problem(f"{archive} #5", 429, "rate_limited")]
     assert f"{archive} #4: malformed (400): short" in report.summary()
 
 
@@ -783,14 +784,14 @@ def test_concurrency_is_bounded(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("report", "code"),
     [
-        (uploader.Report(accepted=2, duplicates=1, skipped=[uploader.Problem("x", None, "")]), 0),
-        (uploader.Report(accepted=2, quarantined=1), 1),
-        (uploader.Report(failed=[uploader.Problem("x", 503, "")]), 1),
-        (uploader.Report(not_sent=1), 1),
-        (uploader.Report(failed=[uploader.Problem("x", None, "")], stopped="unreachable"), 1),
-        (uploader.Report(rejected=[uploader.Problem("x", 400, "")], stopped="token"), 3),
-        (uploader.Report(accepted=2, not_sent=1, stopped="interrupted"), 130),
+        (sender.Report(accepted=2, duplicates=1, skipped=[sender.Problem("x", None, "")]), 0),
+        (sender.Report(accepted=2, quarantined=1), 1),
+        (sender.Report(failed=[sender.Problem("x", 503, "")]), 1),
+        (sender.Report(not_sent=1), 1),
+        (sender.Report(failed=[sender.Problem("x", None, "")], stopped="unreachable"), 1),
+        (sender.Report(rejected=[sender.Problem("x", 400, "")], stopped="token"), 3),
+        (sender.Report(accepted=2, not_sent=1, stopped="interrupted"), 130),
     ],
 )
-def test_exit_codes(report: uploader.Report, code: int) -> None:
+def test_exit_codes(report: sender.Report, code: int) -> None:
     assert report.exit_code == code

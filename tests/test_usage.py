@@ -1,4 +1,4 @@
-"""Per-site limits kept in the shared database (app/usage.py), on SQLite and PostgreSQL."""
+"""Per-site limits kept in the shared database (app/access/quotas.py), on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app import sites, usage
-from app.db import make_engine, make_sessionmaker
+from app.access import quotas, sites
+from app.db.migrations import upgrade
+from app.db.models import SiteUsage, UploadSlot
+from app.db.sessions import make_engine, make_sessionmaker
 from app.errors import QuotaExceeded, RateLimited, TooManyConcurrentUploads
-from app.migrations import upgrade
-from app.models import SiteUsage, UploadSlot
 
 NOW = datetime(2030, 1, 2, 3, 4, 20, 500_000, tzinfo=UTC)  # 39.5 s left in its minute
 TTL = 60.0
@@ -41,24 +41,24 @@ def _take_instance(
     sessions: sessionmaker[Session], site_id: int, limit: int, now: datetime
 ) -> None:
     with sessions() as session:
-        usage.take_instance(session, site_id, limit, now)
+        quotas.take_instance(session, site_id, limit, now)
         session.commit()
 
 
 def _take_bytes(sessions: sessionmaker[Session], site_id: int, limit: int, size: int) -> None:
     with sessions() as session:
-        usage.take_bytes(session, site_id, limit, size, NOW)
+        quotas.take_bytes(session, site_id, limit, size, NOW)
         session.commit()
 
 
 def _used_today(sessions: sessionmaker[Session], site_id: int) -> int:
     with sessions() as session:
-        return usage.bytes_used_today(session, site_id, NOW)
+        return quotas.bytes_used_today(session, site_id, NOW)
 
 
 def _acquire(sessions: sessionmaker[Session], site_id: int, limit: int, now: datetime = NOW) -> int:
     with sessions() as session:
-        slot = usage.acquire_slot(session, site_id, limit, "test", now, TTL)
+        slot = quotas.acquire_slot(session, site_id, limit, "test", now, TTL)
         session.commit()
         return slot
 
@@ -131,7 +131,7 @@ def test_an_instance_bigger_than_the_quota_is_refused(
         _take_bytes(sessions, site_id, 1000, 1001)
     assert _used_today(sessions, site_id) == 0
     with sessions() as session, pytest.raises(QuotaExceeded):
-        usage.check_bytes(session, site_id, 1000, 1001, NOW)
+        quotas.check_bytes(session, site_id, 1000, 1001, NOW)
 
 
 def test_check_bytes_refuses_what_no_longer_fits(
@@ -139,18 +139,18 @@ def test_check_bytes_refuses_what_no_longer_fits(
 ) -> None:
     _take_bytes(sessions, site_id, 1000, 700)
     with sessions() as session:
-        usage.check_bytes(session, site_id, 1000, 300, NOW)
+        quotas.check_bytes(session, site_id, 1000, 300, NOW)
         with pytest.raises(QuotaExceeded):
-            usage.check_bytes(session, site_id, 1000, 301, NOW)
+            quotas.check_bytes(session, site_id, 1000, 301, NOW)
 
 
 def test_the_next_day_has_a_fresh_quota(sessions: sessionmaker[Session], site_id: int) -> None:
     _take_bytes(sessions, site_id, 1000, 1000)
     with sessions() as session:
         tomorrow = NOW + timedelta(days=1)
-        usage.take_bytes(session, site_id, 1000, 1000, tomorrow)
+        quotas.take_bytes(session, site_id, 1000, 1000, tomorrow)
         session.commit()
-        assert usage.bytes_used_today(session, site_id, tomorrow) == 1000
+        assert quotas.bytes_used_today(session, site_id, tomorrow) == 1000
 
 
 def test_acquire_slot_allows_the_limit_then_refuses(
@@ -166,7 +166,7 @@ def test_release_slot_frees_one(sessions: sessionmaker[Session], site_id: int) -
     first = _acquire(sessions, site_id, 2)
     _acquire(sessions, site_id, 2)
     with sessions() as session:
-        usage.release_slot(session, first)
+        quotas.release_slot(session, first)
         session.commit()
     _acquire(sessions, site_id, 2)
     with pytest.raises(TooManyConcurrentUploads):
@@ -186,7 +186,7 @@ def test_an_expired_slot_is_reclaimed(sessions: sessionmaker[Session], site_id: 
 def test_a_renewed_slot_is_not_reclaimed(sessions: sessionmaker[Session], site_id: int) -> None:
     slot = _acquire(sessions, site_id, 1)
     with sessions() as session:
-        usage.renew_slot(session, slot, NOW + timedelta(seconds=TTL - 1), TTL)
+        quotas.renew_slot(session, slot, NOW + timedelta(seconds=TTL - 1), TTL)
         session.commit()
     with pytest.raises(TooManyConcurrentUploads):
         _acquire(sessions, site_id, 1, NOW + timedelta(seconds=TTL + 1))
@@ -199,13 +199,13 @@ def test_prune_drops_old_windows_and_expired_slots(
     _take_instance(sessions, site_id, 10, old)
     _take_instance(sessions, site_id, 10, NOW)
     with sessions() as session:
-        usage.take_bytes(session, site_id, 1000, 10, old)
+        quotas.take_bytes(session, site_id, 1000, 10, old)
         session.commit()
     _take_bytes(sessions, site_id, 1000, 10)
     _acquire(sessions, site_id, 5, old)
     _acquire(sessions, site_id, 5, NOW)
     with sessions() as session:
-        usage.prune(session, NOW)
+        quotas.prune(session, NOW)
         session.commit()
         starts = session.scalars(select(SiteUsage.window_start)).all()
         assert sorted(starts) == [
@@ -231,7 +231,7 @@ def test_concurrent_takers_get_exactly_the_limit(
             for _ in range(attempts):
                 with sessions() as session:
                     try:
-                        usage.take_instance(session, site_id, limit, NOW)
+                        quotas.take_instance(session, site_id, limit, NOW)
                     except RateLimited:
                         session.rollback()
                         continue

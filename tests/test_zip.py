@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 from sqlalchemy import create_engine, select
 
-from app.models import Upload
+from app.db.models import Upload
 from tests.support.archives import empty_zip, make_zip, overlapping_zip, quoted_overlap_zip
 from tests.support.intake import IntakeProcess, Site, peak_rss, wait_until
 from tests.support.orthanc import OrthancProcess

@@ -4,7 +4,7 @@ An answer sent before the request's body was read to its end (a 401 or a 413 dec
 from the headers, a 408 for a stalled body) leaves the rest of that body on the wire,
 where it would be read as the next request; 408, 413 and 431 close in any case (RFC 9110
 §15.5.9, §15.5.14). uvicorn closes the connection once such an answer is sent, and
-app/protocol.py closes one whose body was left unread even without it. A pure ASGI
+app/api/protocol.py closes one whose body was left unread even without it. A pure ASGI
 middleware: the body streams through untouched.
 """
 

@@ -8,11 +8,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
-from app import dicom, stow
 from app.api.deps import ServiceDep
 from app.api.public import BINARY_SCHEMA, UPLOAD_ERRORS, SiteDep, declared_bytes, error_responses
+from app.dicom.summary import MAX_IDENTIFIER_BYTES, UID_CHARS
 from app.errors import InvalidUid, MalformedMultipart, NotAcceptable, UnsupportedMediaType
-from app.parts import MediaType
+from app.intake import stow
+from app.intake.multipart import MediaType
 
 router = APIRouter(redirect_slashes=False)
 
@@ -153,9 +154,9 @@ async def store_study_instances(
     study: str, request: Request, site: SiteDep, service: ServiceDep
 ) -> Response:
     """STOW-RS into one study: instances of another study are refused one by one."""
-    if len(study) > dicom.MAX_IDENTIFIER_BYTES or not dicom.UID_CHARS.fullmatch(study):
+    if len(study) > MAX_IDENTIFIER_BYTES or not UID_CHARS.fullmatch(study):
         raise InvalidUid(
             f"the study UID in the URL ({study[:80]!r}) is not a UID: printable ASCII "
-            f"without spaces or backslashes, at most {dicom.MAX_IDENTIFIER_BYTES} characters"
+            f"without spaces or backslashes, at most {MAX_IDENTIFIER_BYTES} characters"
         )
     return await _store(request, site, service, study)

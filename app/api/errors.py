@@ -1,5 +1,5 @@
 """Rendering of the error tree: Orthanc's JSON shape on the public listener; and the
-refusal log's line (app/refusals.py) for each refusal nothing else has logged."""
+refusal log's line (app/access/refusals.py) for each refusal nothing else has logged."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Scope
 
+from app.access.refusals import Refusal, RefusalLog
 from app.errors import IntakeError, MethodNotAllowed, NotFound
-from app.refusals import Refusal, RefusalLog
 
 # A request target is echoed at most this long: a 30 KB path answered twice in every 404
 # let a client that pipelines requests and reads nothing fill buffers 100 times faster.

@@ -28,8 +28,8 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.errors import log_refusal
+from app.api.protocol import ErrorBody
 from app.errors import CrossSiteRequest, HostNotAllowed, IntakeError
-from app.protocol import ErrorBody
 
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # What an HTML form (or a "simple" fetch) can send cross-site without a CORS preflight.

@@ -9,12 +9,12 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
-from app import sites
+from app.access import sites
 from app.api.deps import ServiceDep
+from app.api.protocol import CLIENT_CERT_STATE
 from app.errors import MalformedMultipart
-from app.intake import Batch, Item, Receipt, Refusal
-from app.parts import MediaType
-from app.protocol import CLIENT_CERT_STATE
+from app.intake.multipart import MediaType
+from app.intake.pipeline import Batch, Item, Receipt, Refusal
 from app.service import Service
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ async def get_site(request: Request, service: ServiceDep) -> sites.Authenticated
     site = await service.access.authenticate(
         request.headers.get("authorization"),
         address,
-        getattr(request.state, CLIENT_CERT_STATE, None),  # set by app/protocol.py
+        getattr(request.state, CLIENT_CERT_STATE, None),  # set by app/api/protocol.py
     )
     request.state.site_name = site.name  # for the refusal log (app/api/errors.py)
     return site

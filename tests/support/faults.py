@@ -52,7 +52,7 @@ import pytest
 from sqlalchemy import create_engine, select
 from sqlalchemy.engine import make_url
 
-from app.models import Upload
+from app.db.models import Upload
 from tests.support.intake import IntakeProcess, Site
 from tests.support.loop_thread import LoopThread
 from tests.support.orthanc import OrthancProcess, free_port

@@ -32,7 +32,7 @@ import httpx
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_files
 
-from app.dicom import Limits, read_summary
+from app.dicom.summary import Limits, read_summary
 from app.errors import (
     CorruptCompression,
     InflateLimitExceeded,

@@ -18,8 +18,9 @@ from typing import Any, Self
 import httpx
 from sqlalchemy.orm import Session
 
-from app import admins, migrations, sites
-from app.db import make_engine, make_sessionmaker
+from app.access import admins, sites
+from app.db import migrations
+from app.db.sessions import make_engine, make_sessionmaker
 from tests.support import leaks
 from tests.support.orthanc import OrthancProcess, free_port
 
@@ -246,8 +247,8 @@ class IntakeProcess:
         return None if self._proc is None else self._proc.pid
 
     def forwarder_pids(self) -> list[int]:
-        """The service's forwarder processes (``python -m app.forwarder_process``)."""
-        return [pid for pid in children(self.pid) if b"app.forwarder_process" in _cmdline(pid)]
+        """The service's forwarder processes (``python -m app.forwarding.process``)."""
+        return [pid for pid in children(self.pid) if b"app.forwarding.process" in _cmdline(pid)]
 
     @property
     def returncode(self) -> int | None:

@@ -17,9 +17,9 @@ from pydantic import BaseModel, Field
 
 from app.api.admin.deps import ServiceDep
 from app.errors import ForwardError, SpoolFull
+from app.intake.spool import TMP
 from app.metrics import CONTENT_TYPE
 from app.service import Service
-from app.spool import TMP
 
 router = APIRouter(tags=["health"])
 

@@ -10,9 +10,9 @@ from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
+from app.admin.queue import Backlog, ConflictPage, KeptFile, QueueItem, QueuePage, RetryCount
 from app.api.admin.deps import ERROR_RESPONSES, AdminDep, ErrorBody, RowId, ServiceDep
-from app.backlog import Backlog, ConflictPage, KeptFile, QueueItem, QueuePage, RetryCount
-from app.models import State
+from app.db.models import State
 from app.service import Service
 
 router = APIRouter(

@@ -14,11 +14,11 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
-from app import records, stats, studies
+from app.admin import intake_log, stats, studies
 from app.api.admin.deps import ERROR_RESPONSES, AdminDep, ErrorBody, RowId, ServiceDep
+from app.db.models import State
 from app.errors import NotFound
 from app.logs import escape_controls
-from app.models import State
 from app.service import Service
 
 router = APIRouter(
@@ -64,7 +64,7 @@ class SeriesOut(BaseModel):
 
 class StudyDetail(StudyOut):
     series_list: list[SeriesOut]
-    uploads: records.UploadPage = Field(
+    uploads: intake_log.UploadPage = Field(
         description="The newest uploads; continue with /api/uploads"
     )
 
@@ -121,8 +121,8 @@ async def _upload_filters(  # async: no worker thread for a few assignments
     ] = None,
     remote_addr: str | None = None,
     reason: str | None = None,
-) -> records.Filters:
-    return records.Filters(
+) -> intake_log.Filters:
+    return intake_log.Filters(
         site=site,
         states=tuple(state or ()),
         received_from=_utc(received_from),
@@ -137,7 +137,7 @@ async def _upload_filters(  # async: no worker thread for a few assignments
     )
 
 
-UploadFilters = Annotated[records.Filters, Depends(_upload_filters)]
+UploadFilters = Annotated[intake_log.Filters, Depends(_upload_filters)]
 
 
 @router.get("/uploads", tags=["uploads"])
@@ -145,11 +145,11 @@ async def list_uploads(
     _: AdminDep,
     service: ServiceDep,
     filters: UploadFilters,
-    limit: Annotated[int, Query(ge=1, le=records.MAX_LIMIT)] = 100,
+    limit: Annotated[int, Query(ge=1, le=intake_log.MAX_LIMIT)] = 100,
     cursor: str | None = None,
-) -> records.UploadPage:
+) -> intake_log.UploadPage:
     """The intake log, newest first, with keyset pagination stable under new arrivals."""
-    return await _call(service, lambda s: records.search(s, filters, limit, cursor))
+    return await _call(service, lambda s: intake_log.search(s, filters, limit, cursor))
 
 
 @router.get(
@@ -167,8 +167,8 @@ async def export_uploads(
     def lines() -> Iterator[str]:
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\r\n")
-        writer.writerow(records.FIELDS)
-        for batch in records.export(service.readers, filters, CSV_MAX_ROWS):
+        writer.writerow(intake_log.FIELDS)
+        for batch in intake_log.export(service.readers, filters, CSV_MAX_ROWS):
             writer.writerows(_csv_row(r) for r in batch)
             yield buffer.getvalue()
             buffer.seek(0)
@@ -183,8 +183,8 @@ async def export_uploads(
     )
 
 
-def _csv_row(record: records.UploadRecord) -> list[object]:
-    return [csv_cell(getattr(record, name)) for name in records.FIELDS]
+def _csv_row(record: intake_log.UploadRecord) -> list[object]:
+    return [csv_cell(getattr(record, name)) for name in intake_log.FIELDS]
 
 
 # A cell a spreadsheet would run as a formula (OWASP, "CSV Injection"): sites choose
@@ -209,9 +209,11 @@ def csv_cell(value: object) -> object:
 
 
 @router.get("/uploads/{upload_id}", tags=["uploads"])
-async def show_upload(upload_id: RowId, _: AdminDep, service: ServiceDep) -> records.UploadRecord:
+async def show_upload(
+    upload_id: RowId, _: AdminDep, service: ServiceDep
+) -> intake_log.UploadRecord:
     """One intake record in full."""
-    found = await _call(service, lambda s: records.show(s, upload_id))
+    found = await _call(service, lambda s: intake_log.show(s, upload_id))
     if found is None:
         raise NotFound(f"no upload #{upload_id}")
     return found
@@ -252,11 +254,11 @@ async def show_study(site: str, study_uid: str, _: AdminDep, service: ServiceDep
 
     def run(
         session: Session,
-    ) -> tuple[tuple[studies.Study, list[studies.Series]] | None, records.UploadPage]:
+    ) -> tuple[tuple[studies.Study, list[studies.Series]] | None, intake_log.UploadPage]:
         found = studies.show(session, site, study_uid, quiet)
         if found is None:
-            return None, records.UploadPage([], None)
-        return found, records.search(session, records.Filters(site=site, study_uid=study_uid))
+            return None, intake_log.UploadPage([], None)
+        return found, intake_log.search(session, intake_log.Filters(site=site, study_uid=study_uid))
 
     found, uploads = await _call(service, run)
     if found is None:

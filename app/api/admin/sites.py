@@ -11,7 +11,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
-from app import sites
+from app.access import sites
 from app.api.admin.deps import ERROR_RESPONSES, AdminDep, ErrorBody, ServiceDep
 from app.errors import BadRequest, Conflict, NotFound
 from app.service import Service

@@ -9,8 +9,8 @@ from typing import Any, Literal
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
-from app import deliveries
 from app.api.admin.deps import ERROR_RESPONSES, AdminDep, ErrorBody, RowId, ServiceDep
+from app.webhooks import deliveries
 
 router = APIRouter(
     prefix="/api/webhooks",

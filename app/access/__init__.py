@@ -1,0 +1,3 @@
+"""Who is asking, and may they: token format, the gate, sites, admins, policy, throttling,
+quotas, the refusal log.
+"""

@@ -1,0 +1,3 @@
+"""What an admin reads and acts on: the intake log, studies, daily figures, the queue and the
+quarantine.
+"""

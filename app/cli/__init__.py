@@ -1,0 +1,1 @@
+"""The ``orthanc-intake`` command."""

@@ -1,0 +1,1 @@
+"""The database: engines and sessions, tables, migrations."""

@@ -1,0 +1,1 @@
+"""Delivery to the private Orthanc: the forwarder, its child process, the Orthanc client."""

@@ -1,0 +1,1 @@
+"""Study-arrived webhooks: noticing settled studies, signed deliveries, an admin's view of them."""
