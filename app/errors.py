@@ -18,12 +18,20 @@ listener puts in its Orthanc-shaped JSON. Nothing here imports FastAPI.
     │   └── CrossSiteRequest          admin: a state change a foreign page made a browser send
     ├── BadRequest .................. 400  (admin: an operation that cannot be done as asked)
     │   ├── InvalidCursor             a pagination cursor the API did not hand out
-    │   └── HostNotAllowed            a Host outside the listener's allow-list (DNS rebinding)
+    │   ├── HostNotAllowed            a Host outside the listener's allow-list (DNS rebinding)
+    │   └── InvalidChange             a site, admin or policy change that cannot be made as asked
+    │       ├── InvalidName           a site or admin name outside the allowed characters
+    │       ├── InvalidPolicy         a policy value that does not parse (CIDR, limit, fingerprint…)
+    │       └── UnknownTokenPrefix    no unrevoked token with that prefix
     ├── NotFound .................... 404  (no such route, or no such record)
+    │   ├── SiteNotFound              no site of that name
+    │   ├── AdminNotFound             no admin of that name
     │   └── DeliveryNotFound          no such webhook delivery
     ├── MethodNotAllowed ............ 405
     ├── NotAcceptable ............... 406  (STOW-RS: an Accept the intake cannot answer in)
     ├── Conflict .................... 409  (admin: that change does not fit the record's state)
+    │   ├── SiteExists                the name is taken (deleted sites keep theirs)
+    │   ├── AdminExists               the name is taken
     │   ├── WrongState                e.g. discarding a forwarded upload
     │   ├── BeingForwarded            the forwarder holds the row right now
     │   ├── NothingToRetry            the kept spool file is gone
@@ -62,6 +70,14 @@ listener puts in its Orthanc-shaped JSON. Nothing here imports FastAPI.
     │   └── StudyMismatch             STOW-RS: an instance outside the study in the URL
     ├── SpoolFull ................... 507  (carries Retry-After)
     └── ServiceUnavailable .......... 503  (carries Retry-After; database down)
+
+The leaves of the admin operations (``InvalidChange``, ``SiteNotFound``, ``SiteExists`` …)
+keep their parent's ``reason``: the admin API answers ``bad_request``, ``not_found`` and
+``conflict`` for them, as its clients expect.
+
+The pipeline hands a refusal it has already logged (and, with ``counted``, counted) to the
+routes as ``Refused``: an outcome that carries the error, not a second failure. Nothing in
+this tree is changed after it is raised.
 """
 
 from __future__ import annotations
@@ -78,12 +94,13 @@ class IntakeError(Exception):
     message: str = "Internal error"
     reason: str = "internal_error"
 
-    def __init__(self, detail: str = "") -> None:
+    def __init__(self, detail: str = "", *, site: str | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
-        self.recorded = False  # set once counted in the metrics and the intake log
-        self.logged = False  # set once the intake log has it as an upload's event
-        self.site: str | None = None  # whose request it refused, once known (access/refusals.py)
+        # Whose request it refused, when the refusing code knows it before the route does
+        # (a token that was the site's, an address outside its allow-list): the refusal
+        # log names the site (access/refusals.py).
+        self.site = site
 
     @property
     def headers(self) -> Mapping[str, str]:
@@ -162,12 +179,36 @@ class HostNotAllowed(BadRequest):
     reason = "host_not_allowed"
 
 
+class InvalidChange(BadRequest):
+    """A site, admin or policy change that cannot be made as asked (the detail says why)."""
+
+
+class InvalidName(InvalidChange):
+    pass
+
+
+class InvalidPolicy(InvalidChange):
+    pass
+
+
+class UnknownTokenPrefix(InvalidChange):
+    pass
+
+
 class NotFound(IntakeError):
     status_code = 404
     orthanc_error = "Unknown resource"
     orthanc_status = 17
     message = "Unknown resource"
     reason = "not_found"
+
+
+class SiteNotFound(NotFound):
+    pass
+
+
+class AdminNotFound(NotFound):
+    pass
 
 
 class MethodNotAllowed(IntakeError):
@@ -192,6 +233,14 @@ class Conflict(IntakeError):
     orthanc_status = 8
     message = "Conflict"
     reason = "conflict"
+
+
+class SiteExists(Conflict):
+    pass
+
+
+class AdminExists(Conflict):
+    pass
 
 
 class WrongState(Conflict):
@@ -444,3 +493,17 @@ class OrthancUnavailable(ForwardError):
 
 class OrthancRefused(ForwardError):
     pass
+
+
+class Refused(Exception):
+    """A refusal the pipeline has logged as an upload event, raised to the route: an
+    outcome, not a new failure. The route answers ``error`` (with ``detail`` in place of
+    the error's own, when given) and writes no ``upload.refused`` line for it.
+    ``counted``: the refusal metric has it too (else the request's admission counts it).
+    """
+
+    def __init__(self, error: IntakeError, *, counted: bool, detail: str | None = None) -> None:
+        super().__init__(error.detail)
+        self.error = error
+        self.counted = counted
+        self.detail = error.detail if detail is None else detail

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from pydicom.uid import generate_uid
 
 from app.access import admins, sites, tokens
+from app.errors import InvalidName
 from tests.dicom_samples import make_instance
 from tests.support.intake import Admin, IntakeProcess, Site
 
@@ -145,9 +146,9 @@ def test_names_with_line_breaks_are_refused(
     with shared_intake.admin_client(edge_admin) as client:
         answer = client.post("/api/sites", json={"name": name})
     assert answer.status_code in (400, 422), answer.text
-    with pytest.raises(sites.SiteNameInvalid), shared_intake.session() as session:
+    with pytest.raises(InvalidName), shared_intake.session() as session:
         sites.add(session, name)
-    with pytest.raises(sites.SiteError), shared_intake.session() as session:
+    with pytest.raises(InvalidName), shared_intake.session() as session:
         admins.add(session, name, "a long admin password")
 
 

@@ -20,14 +20,19 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.access import tokens
 from app.access.policy import parse_address, parse_networks
-from app.access.sites import SITE_NAME, SiteError
+from app.access.sites import SITE_NAME
 from app.access.throttle import AuthThrottle
 from app.db.models import Admin, AdminToken, utcnow
 from app.errors import (
+    AdminExists,
     AdminForbidden,
+    AdminNotFound,
     AdminUnauthenticated,
+    InvalidChange,
+    InvalidName,
     ServiceUnavailable,
     TooManyFailedLogins,
+    UnknownTokenPrefix,
 )
 
 PASSWORDS = CryptContext(schemes=["argon2"], deprecated="auto")
@@ -43,16 +48,16 @@ class AdminView:
 
 def add(session: Session, name: str, password: str) -> AdminView:
     if not SITE_NAME.fullmatch(name):
-        raise SiteError(f"admin name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
+        raise InvalidName(f"admin name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
     if len(password) < MIN_PASSWORD_LENGTH:
-        raise SiteError(f"the password must have at least {MIN_PASSWORD_LENGTH} characters")
+        raise InvalidChange(f"the password must have at least {MIN_PASSWORD_LENGTH} characters")
     admin = Admin(name=name, password_hash=PASSWORDS.hash(password))
     session.add(admin)
     try:
         session.commit()
     except IntegrityError as exc:
         session.rollback()
-        raise SiteError(f"an admin named {name!r} already exists") from exc
+        raise AdminExists(f"an admin named {name!r} already exists") from exc
     return AdminView(admin.id, admin.name, admin.created_at)
 
 
@@ -66,7 +71,7 @@ def list_admins(session: Session) -> list[AdminView]:
 def remove(session: Session, name: str) -> None:
     admin = session.scalar(select(Admin).where(Admin.name == name))
     if admin is None:
-        raise SiteError(f"no admin named {name!r}")
+        raise AdminNotFound(f"no admin named {name!r}")
     session.delete(admin)
     session.commit()
 
@@ -100,7 +105,7 @@ def issue_token(session: Session, name: str, label: str | None = None) -> NewAdm
     """A Bearer token for a machine client (the PHP app) acting as this admin."""
     admin = session.scalar(select(Admin).where(Admin.name == name))
     if admin is None:
-        raise SiteError(f"no admin named {name!r}")
+        raise AdminNotFound(f"no admin named {name!r}")
     token = tokens.new_token(tokens.ADMIN_TOKEN_PREFIX)
     row = AdminToken(
         admin_id=admin.id,
@@ -120,7 +125,7 @@ def revoke_token(session: Session, prefix: str) -> None:
         )
     )
     if row is None:
-        raise SiteError(f"no unrevoked admin token with prefix {prefix!r}")
+        raise UnknownTokenPrefix(f"no unrevoked admin token with prefix {prefix!r}")
     row.revoked_at = utcnow()
     session.commit()
 

@@ -98,17 +98,15 @@ class Access:
             raise
         try:
             site.policy.check_address(site.name, address)
-        except AddressNotAllowed as exc:
+        except AddressNotAllowed:
             log.warning(
                 "security: site=%s refused from address %s (allow-list)", site.name, address
             )
-            exc.site = site.name
             raise
         try:
             site.policy.check_client_cert(site.name, client_cert)
-        except (ClientCertificateRequired, ClientCertificateMismatch) as exc:
+        except (ClientCertificateRequired, ClientCertificateMismatch):
             log.warning("security: site=%s refused: client certificate", site.name)
-            exc.site = site.name
             raise
         self.throttle.succeeded(address, digest)
         self._touch(site, address)

@@ -75,7 +75,8 @@ class SitePolicy:
         parsed = parse_address(address or "")
         if parsed is None or not any(parsed in network for network in self.networks):
             raise AddressNotAllowed(
-                f"site {site!r} may not upload from {address}: not in its address allow-list"
+                f"site {site!r} may not upload from {address}: not in its address allow-list",
+                site=site,
             )
 
     def check_client_cert(self, site: str, presented_sha256: str | None) -> None:
@@ -84,11 +85,12 @@ class SitePolicy:
             return
         if presented_sha256 is None:
             raise ClientCertificateRequired(
-                f"site {site!r} must present its client certificate (mutual TLS)"
+                f"site {site!r} must present its client certificate (mutual TLS)", site=site
             )
         if not hmac.compare_digest(presented_sha256, self.client_cert_sha256):
             raise ClientCertificateMismatch(
-                f"the client certificate presented is not the one bound to site {site!r}"
+                f"the client certificate presented is not the one bound to site {site!r}",
+                site=site,
             )
 
     def check_content(self, site: str, summary: Summary) -> None:

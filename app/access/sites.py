@@ -19,7 +19,14 @@ from sqlalchemy.orm import Session
 from app.access import tokens
 from app.access.policy import SitePolicy, parse_networks
 from app.db.models import Site, SiteToken, utcnow
-from app.errors import Unauthenticated
+from app.errors import (
+    InvalidName,
+    InvalidPolicy,
+    SiteExists,
+    SiteNotFound,
+    Unauthenticated,
+    UnknownTokenPrefix,
+)
 
 SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # always fullmatch: `$` takes a newline
 POLICY_LIMITS = (
@@ -37,24 +44,10 @@ def normalise_fingerprint(value: str) -> str:
     """``AB:CD:…`` or ``abcd…`` (as openssl and browsers print SHA-256 fingerprints)."""
     cleaned = value.strip().lower().replace(":", "").removeprefix("sha256=")
     if not _SHA256_HEX.fullmatch(cleaned):
-        raise SiteError("a client certificate fingerprint is 64 hex digits (SHA-256 of the DER)")
+        raise InvalidPolicy(
+            "a client certificate fingerprint is 64 hex digits (SHA-256 of the DER)"
+        )
     return cleaned
-
-
-class SiteError(ValueError):
-    """A site operation that cannot be done as asked (the message says why)."""
-
-
-class SiteNameInvalid(SiteError):
-    pass
-
-
-class SiteExists(SiteError):
-    pass
-
-
-class SiteNotFound(SiteError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -203,7 +196,7 @@ def add(
 ) -> NewToken:
     """Create a site with its first token; the token is returned once."""
     if not SITE_NAME.fullmatch(name):
-        raise SiteNameInvalid(
+        raise InvalidName(
             f"site name {name!r} must be 1-64 characters of letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
@@ -249,7 +242,9 @@ def revoke(session: Session, name: str, token_prefix: str | None = None) -> int:
         if t.revoked_at is None and (token_prefix is None or t.display_prefix == token_prefix)
     ]
     if token_prefix is not None and not targets:
-        raise SiteError(f"site {name!r} has no unrevoked token with prefix {token_prefix!r}")
+        raise UnknownTokenPrefix(
+            f"site {name!r} has no unrevoked token with prefix {token_prefix!r}"
+        )
     for token in targets:
         token.revoked_at = now
     session.commit()
@@ -280,9 +275,12 @@ def set_policy(session: Session, name: str, **changes: Any) -> SiteView:
     for key, value in changes.items():
         if key in POLICY_LIMITS:
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise SiteError(f"{key} must be a positive whole number, or unset")
+                raise InvalidPolicy(f"{key} must be a positive whole number, or unset")
         elif key == "allowed_cidrs":
-            value = [str(n) for n in parse_networks(value)]
+            try:
+                value = [str(n) for n in parse_networks(value)]
+            except ValueError as exc:
+                raise InvalidPolicy(str(exc)) from exc
         elif key == "allowed_modalities":
             value = sorted({str(v).strip().upper() for v in value if str(v).strip()})
         elif key == "allowed_sop_classes":
@@ -290,7 +288,7 @@ def set_policy(session: Session, name: str, **changes: Any) -> SiteView:
         elif key == "client_cert_sha256":
             value = None if value is None else normalise_fingerprint(str(value))
         else:
-            raise SiteError(f"unknown policy field {key!r}")
+            raise InvalidPolicy(f"unknown policy field {key!r}")
         setattr(site, key, value)
     session.commit()
     return _view(site)
@@ -335,9 +333,10 @@ def check(found: AuthenticatedSite, site_name: str | None, now: datetime) -> Aut
     if site_name is not None and not tokens.same(site_name, found.name):
         raise Unauthenticated("unknown site or token")
     if found.token_expires_at is not None and found.token_expires_at <= now:
-        refused = Unauthenticated("the token is revoked or expired, or the site is disabled")
-        refused.site = found.name  # the token was the site's: the refusal log names it
-        raise refused
+        # The token was the site's: the refusal log names it.
+        raise Unauthenticated(
+            "the token is revoked or expired, or the site is disabled", site=found.name
+        )
     return found
 
 

@@ -1,5 +1,6 @@
 """Rendering of the error tree: Orthanc's JSON shape on the public listener; and the
-refusal log's line (app/access/refusals.py) for each refusal nothing else has logged."""
+refusal log's line (app/access/refusals.py) for each refusal nothing else has logged
+(a ``Refused`` outcome is in the intake log already, so it gets none)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Scope
 
 from app.access.refusals import Refusal, RefusalLog
-from app.errors import IntakeError, MethodNotAllowed, NotFound
+from app.errors import IntakeError, MethodNotAllowed, NotFound, Refused
 
 # A request target is echoed at most this long: a 30 KB path answered twice in every 404
 # let a client that pipelines requests and reads nothing fill buffers 100 times faster.
@@ -23,8 +24,12 @@ def _echoed(path: str) -> str:
     return path if len(path) <= _MAX_ECHOED_PATH else path[:_MAX_ECHOED_PATH] + "…"
 
 
-def orthanc_error_body(error: IntakeError, method: str, path: str) -> dict[str, object]:
-    """The shape Orthanc answers errors with (see shared/ORTHANC.md)."""
+def orthanc_error_body(
+    error: IntakeError, method: str, path: str, detail: str | None = None
+) -> dict[str, object]:
+    """The shape Orthanc answers errors with (see shared/ORTHANC.md); ``detail`` in place
+    of the error's own, when given."""
+    detail = error.detail if detail is None else detail
     body: dict[str, object] = {
         "HttpError": HTTPStatus(error.status_code).phrase,
         "HttpStatus": error.status_code,
@@ -34,8 +39,8 @@ def orthanc_error_body(error: IntakeError, method: str, path: str) -> dict[str, 
         "OrthancStatus": error.orthanc_status,
         "Uri": _echoed(path),
     }
-    if error.detail:
-        body["Details"] = error.detail
+    if detail:
+        body["Details"] = detail
     return body
 
 
@@ -82,15 +87,21 @@ def log_refusal(scope: Scope, error: IntakeError) -> None:
 def install_orthanc_errors(app: FastAPI) -> None:
     app.state.refusals = RefusalLog()
 
+    def _answer(request: Request, error: IntakeError, detail: str | None = None) -> JSONResponse:
+        return JSONResponse(
+            orthanc_error_body(error, request.method, request.url.path, detail),
+            status_code=error.status_code,
+            headers=error.headers,
+        )
+
     async def _intake_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, IntakeError)
-        if not exc.logged:  # the intake logs what it refuses once it has stored it
-            log_refusal(request.scope, exc)
-        return JSONResponse(
-            orthanc_error_body(exc, request.method, request.url.path),
-            status_code=exc.status_code,
-            headers=exc.headers,
-        )
+        log_refusal(request.scope, exc)
+        return _answer(request, exc)
+
+    async def _refused(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, Refused)
+        return _answer(request, exc.error, exc.detail)
 
     async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
@@ -104,4 +115,5 @@ def install_orthanc_errors(app: FastAPI) -> None:
         return await _intake_error(request, error)
 
     app.add_exception_handler(IntakeError, _intake_error)
+    app.add_exception_handler(Refused, _refused)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -12,7 +12,7 @@ from starlette.requests import ClientDisconnect
 from app.access import sites
 from app.api.deps import ServiceDep
 from app.api.protocol import CLIENT_CERT_STATE
-from app.errors import MalformedMultipart
+from app.errors import MalformedMultipart, Refused
 from app.intake.multipart import MediaType
 from app.intake.pipeline import Batch, Item, Receipt, Refusal
 from app.service import Service
@@ -293,11 +293,12 @@ async def _store_form(
     assert isinstance(first.outcome, Refusal)
     error = first.outcome.error
     accepted = len(batch.items) - len(refused)
-    error.detail = (
-        f"{len(refused)} of {len(batch.items)} files refused ({accepted} accepted); "
-        f"first: {first.name}: {error.detail}"
+    raise Refused(
+        error,
+        counted=True,
+        detail=f"{len(refused)} of {len(batch.items)} files refused ({accepted} accepted); "
+        f"first: {first.name}: {error.detail}",
     )
-    raise error
 
 
 def declared_bytes(request: Request) -> int | None:

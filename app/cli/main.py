@@ -26,6 +26,7 @@ from app.access import admins, sites
 from app.db import migrations
 from app.db.migrations import Schema
 from app.db.sessions import make_engine, make_sessionmaker
+from app.errors import IntakeError
 from app.settings import Settings
 from app.uploader import sender
 
@@ -103,7 +104,7 @@ def _require_schema(settings: Settings) -> None:
 
 @contextlib.contextmanager
 def _session() -> Iterator[tuple[Settings, Session]]:
-    """A session on the configured, migrated database; site errors exit 2."""
+    """A session on the configured, migrated database; a refused change exits 2."""
     settings = _settings()
     _announce(settings)
     _require_schema(settings)
@@ -111,8 +112,8 @@ def _session() -> Iterator[tuple[Settings, Session]]:
     try:
         with make_sessionmaker(engine)() as session:
             yield settings, session
-    except sites.SiteError as exc:
-        typer.echo(f"error: {exc}", err=True)
+    except IntakeError as exc:  # the domain's refusals: InvalidChange, SiteNotFound, …
+        typer.echo(f"error: {exc.detail}", err=True)
         raise typer.Exit(2) from exc
     finally:
         engine.dispose()
@@ -407,11 +408,7 @@ def sites_policy(
         given["client_cert_sha256"] = _fingerprint(client_cert)
     changes.update({k: v for k, v in given.items() if v is not None})
     with _session() as (_, session):
-        try:
-            view = sites.set_policy(session, name, **changes)
-        except ValueError as exc:
-            raise sites.SiteError(str(exc)) from exc
-        _show(view, as_json)
+        _show(sites.set_policy(session, name, **changes), as_json)
 
 
 @admins_cli.command("add")

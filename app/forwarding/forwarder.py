@@ -34,6 +34,7 @@ from app.errors import ForwardError, OrthancRefused
 from app.forwarding.orthanc import OrthancClient, StoredInstance
 from app.intake.spool import QUARANTINE, QUEUE, Spool
 from app.metrics import Metrics
+from app.orthanc_status import STORED, Status
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -313,7 +314,7 @@ class Forwarder:
         started = time.perf_counter()
         try:
             stored = await self._orthanc.store_instance(path)
-            if stored.status not in ("Success", "AlreadyStored"):
+            if stored.status not in STORED:
                 # e.g. "FilteredOut" (a Lua ReceivedInstanceFilter): answered 200, not stored.
                 await asyncio.to_thread(
                     self._quarantine,
@@ -323,7 +324,9 @@ class Forwarder:
                     "did not store it",
                 )
                 return
-            if stored.status == "AlreadyStored" and not await self._same_bytes(stored.id, path):
+            if stored.status == Status.ALREADY_STORED and not await self._same_bytes(
+                stored.id, path
+            ):
                 await asyncio.to_thread(
                     self._quarantine,
                     claim,

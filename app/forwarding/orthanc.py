@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 from app.errors import OrthancRefused, OrthancUnavailable
+from app.orthanc_status import Status
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class StoredInstance:
     """Orthanc's answer to ``POST /instances`` for one instance."""
 
     id: str
-    status: str  # "Success" or "AlreadyStored"
+    status: str  # Status.SUCCESS or Status.ALREADY_STORED
     parent_patient: str | None
     parent_study: str | None
     parent_series: str | None
@@ -209,7 +210,7 @@ class OrthancClient:
             body = response.json()
             return StoredInstance(
                 id=str(body["ID"]),
-                status=str(body.get("Status", "Success")),
+                status=str(body.get("Status", Status.SUCCESS)),
                 parent_patient=body.get("ParentPatient"),
                 parent_study=body.get("ParentStudy"),
                 parent_series=body.get("ParentSeries"),

@@ -41,6 +41,7 @@ from app.errors import (
     InstanceTooLarge,
     IntakeError,
     NotDicom,
+    Refused,
     RefusedPreamble,
     ServiceUnavailable,
     SpoolFull,
@@ -50,6 +51,7 @@ from app.errors import (
 from app.intake import archive, multipart
 from app.intake.spool import QUARANTINE, QUEUE, REFUSED, Received, Spool
 from app.metrics import Metrics
+from app.orthanc_status import Status
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -87,11 +89,6 @@ _OWNER = (
 )
 # PostgreSQL: uploads into one study take turns deciding (SQLite's writers always do).
 _STUDY_LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended(:study, 0))")
-
-ORTHANC_SUCCESS = "Success"
-ORTHANC_ALREADY_STORED = "AlreadyStored"
-ORTHANC_FILTERED_OUT = "FilteredOut"  # Orthanc's word for "taken, but not stored"
-
 
 _MODALITY_WIDTH = 16  # models.Upload.modality
 
@@ -191,14 +188,14 @@ def _place(prior: Any, sha256: str, owner: int | None, site_id: int) -> _Placeme
         # The same bytes again. "Stored" only if that copy is in Orthanc or on its way
         # (queued, forwarded, or a conflict: Orthanc holds the site's first copy).
         held = same.state == State.QUARANTINED and same.reason != "conflict"
-        status = ORTHANC_FILTERED_OUT if held else ORTHANC_ALREADY_STORED
+        status = Status.FILTERED_OUT if held else Status.ALREADY_STORED
         return _Placement(State.DUPLICATE, status, duplicate_of=same.id)
     if owner is not None and owner != site_id:
-        return _Placement(State.QUARANTINED, ORTHANC_FILTERED_OUT, FOREIGN_STUDY)
+        return _Placement(State.QUARANTINED, Status.FILTERED_OUT, FOREIGN_STUDY)
     other = next((p for p in prior if p.state != State.QUARANTINED), None)
     if other is not None:  # other bytes under an Orthanc ID the site already sent
-        return _Placement(State.QUARANTINED, ORTHANC_ALREADY_STORED, "conflict", other=other.id)
-    return _Placement(State.QUEUED, ORTHANC_SUCCESS)
+        return _Placement(State.QUARANTINED, Status.ALREADY_STORED, "conflict", other=other.id)
+    return _Placement(State.QUEUED, Status.SUCCESS)
 
 
 def _held_detail(placed: _Placement, summary: Summary, ids: OrthancIds) -> str:
@@ -257,7 +254,7 @@ class Intake:
                 return await self._unpack_all(site, remote_addr, [(None, received)])
             outcome = await self._accept(self._context(site, remote_addr), received)
             if isinstance(outcome, Refusal):
-                raise outcome.error
+                raise Refused(outcome.error, counted=True)
             return outcome
 
     async def receive_multipart(
@@ -304,7 +301,8 @@ class Intake:
     async def _admitted(
         self, site: AuthenticatedSite, declared_bytes: int | None, max_bytes: int
     ) -> AsyncIterator[None]:
-        """The site's limits around one request; request-level refusals are counted here."""
+        """The site's limits around one request; request-level refusals are counted here,
+        and so is a ``Refused`` outcome that its file's own path did not count."""
         started = time.perf_counter()
         limit = max(max_bytes, self._settings.max_request_bytes)
         try:
@@ -314,9 +312,14 @@ class Intake:
                 )
             async with self._admission.admit(site, declared_bytes):
                 yield
+        except Refused as refused:
+            if not refused.counted:
+                self._metrics.record_refusal(
+                    site.name, refused.error.reason, time.perf_counter() - started
+                )
+            raise
         except IntakeError as exc:
-            if not exc.recorded:
-                self._metrics.record_refusal(site.name, exc.reason, time.perf_counter() - started)
+            self._metrics.record_refusal(site.name, exc.reason, time.perf_counter() - started)
             raise
 
     def _context(
@@ -365,7 +368,8 @@ class Intake:
             for _, received in files:
                 self._spool.discard(received.path)
         if later is not None and not batch.accepted:
-            raise later  # nothing was taken: the whole request is to be sent again later
+            # Nothing was taken: the whole request is to be sent again later.
+            raise Refused(later, counted=True)
         return batch
 
     def _archive_limits(
@@ -409,7 +413,7 @@ class Intake:
                         f"{self._settings.max_archive_inflated_bytes})"
                     )
                 await self._refuse(self._context(site, remote_addr), received, exc, note=name)
-                raise exc from None
+                raise Refused(exc, counted=False) from None
 
     async def _unpack(
         self,
@@ -426,7 +430,7 @@ class Intake:
             )
         except IntakeError as exc:
             await self._refuse(self._context(site, remote_addr), received, exc, note=name)
-            raise
+            raise Refused(exc, counted=False) from exc
         skips: list[Upload] = []  # an archive's skipped entries: one transaction, not one each
         with opened:
             try:
@@ -460,7 +464,6 @@ class Intake:
             except IntakeError as exc:
                 await self._refuse(ctx, None, exc, note=entry.name)
                 self._metrics.record_refusal(site.name, exc.reason, 0.0)
-                exc.recorded = True
                 batch.items.append(Item(entry.name, Refusal(exc, ctx.receipt)))
                 later = exc if isinstance(exc, _TRY_LATER) else None
                 continue
@@ -508,7 +511,6 @@ class Intake:
             self._spool.discard(received.path)
             await self._refuse(ctx, received, exc, summary=parsed)
             self._metrics.record_refusal(site.name, exc.reason, time.perf_counter() - started)
-            exc.recorded = True
             return Refusal(exc, ctx.receipt, parsed)
         except BaseException:
             self._spool.discard(received.path)
@@ -578,7 +580,6 @@ class Intake:
                 "status": exc.status_code,
             },
         )
-        exc.logged = True  # no upload.refused line for it (app/api/errors.py)
 
     def _persist(self, ctx: _Context, received: Received, summary: Summary) -> Receipt:
         ids = orthanc_ids(
@@ -604,7 +605,7 @@ class Intake:
             "attempts": 0,
             "failed_answers": 0,
         }
-        placed = _Placement(State.QUEUED, ORTHANC_SUCCESS)
+        placed = _Placement(State.QUEUED, Status.SUCCESS)
         kept: Path | None = None
         name = f"{ctx.receipt}.dcm"
         committing = False  # only an error during COMMIT leaves the outcome in doubt

@@ -22,7 +22,8 @@ from app.errors import (
     UnsupportedTransferSyntax,
 )
 from app.intake.multipart import Part
-from app.intake.pipeline import ORTHANC_FILTERED_OUT, Batch, Receipt, Refusal
+from app.intake.pipeline import Batch, Receipt, Refusal
+from app.orthanc_status import Status
 
 MEDIA_TYPE = "application/dicom+json"
 
@@ -73,7 +74,7 @@ def _failed(sop_class: str, sop_instance: str, reason: int) -> dict[str, Any]:
 
 
 def _held(receipt: Receipt) -> bool:
-    return receipt.state is State.QUARANTINED or receipt.status == ORTHANC_FILTERED_OUT
+    return receipt.state is State.QUARANTINED or receipt.status == Status.FILTERED_OUT
 
 
 def response(batch: Batch, unkept: list[Part]) -> tuple[int, dict[str, Any]]:

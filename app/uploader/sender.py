@@ -26,6 +26,7 @@ from rich import progress as bars
 from rich.console import Console
 
 from app.dicom.summary import PREAMBLE_BYTES, bare_data_set_order, is_part10
+from app.orthanc_status import STORED, Status
 from app.uploader.report import Problem, Report, Unreached, explain, files
 
 __all__ = ["Item", "Problem", "Report", "collect", "instances_url", "retry_delay", "upload"]
@@ -276,11 +277,11 @@ class _Sender:
     def _count(self, label: str, answer: Any) -> None:
         answer = answer if isinstance(answer, dict) else {}
         state, status = answer.get("IntakeState"), answer.get("Status")
-        if state == "quarantined" or status == "FilteredOut":  # held, not in the archive
+        if state == "quarantined" or status == Status.FILTERED_OUT:  # held, not in the archive
             self.report.quarantined += 1
-        elif state == "duplicate" or (state is None and status == "AlreadyStored"):
+        elif state == "duplicate" or (state is None and status == Status.ALREADY_STORED):
             self.report.duplicates += 1
-        elif status in ("Success", "AlreadyStored"):
+        elif status in STORED:
             # The intake answers once the file is durable, before it forwards it: "queued"
             # (docs/UPLOADS.md). A plain Orthanc says no state: it has stored the file.
             self.report.accepted += 1

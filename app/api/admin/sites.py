@@ -13,7 +13,6 @@ from sqlalchemy.orm import Session
 
 from app.access import sites
 from app.api.admin.deps import ERROR_RESPONSES, AdminDep, ErrorBody, ServiceDep
-from app.errors import BadRequest, Conflict, NotFound
 from app.service import Service
 
 router = APIRouter(
@@ -93,23 +92,18 @@ def _site(view: sites.SiteView) -> SiteOut:
 
 
 async def _call(service: Service, action: Callable[[Session], T], *, change: bool = True) -> T:
-    """Run a sites.* operation in a session off the event loop; map its errors.
+    """Run a sites.* operation in a session off the event loop.
 
-    A change also empties this process's credential cache, so it applies at once here.
+    Its errors are leaves of the one tree (``SiteNotFound`` 404, ``SiteExists`` 409,
+    ``InvalidChange`` 400) and render as they are. A change also empties this process's
+    credential cache, so it applies at once here.
     """
 
     def run() -> T:
         with (service.sessions if change else service.readers)() as session:
             return action(session)
 
-    try:
-        result = await asyncio.to_thread(run)
-    except sites.SiteNotFound as exc:
-        raise NotFound(str(exc)) from exc
-    except sites.SiteExists as exc:
-        raise Conflict(str(exc)) from exc
-    except (sites.SiteError, ValueError) as exc:
-        raise BadRequest(str(exc)) from exc
+    result = await asyncio.to_thread(run)
     if change:
         service.access.forget()
     return result
