@@ -9,6 +9,13 @@
 
 Windows are UTC: a minute starts at :00, a day at midnight UTC. A fixed window allows
 up to twice the rate across a boundary; the daily byte quota is exact.
+
+Everything a site is counted for is counted here, at two moments of an upload:
+- ``Admission.admit``, before the body is read: the concurrency slot, the declared size
+  against what is left of the day's bytes, and the request's first instance against the
+  minute (an attempt counts, so a flood of bad files is refused before its bodies);
+- ``take_stored``, in the transaction that commits a stored file's row: its bytes, and,
+  for a request's further files (a ZIP's entries, a form's parts), one instance each.
 """
 
 from __future__ import annotations
@@ -146,6 +153,19 @@ def acquire_slot(
     session.add(slot)
     session.flush()
     return slot.id
+
+
+def take_stored(
+    session: Session, site: AuthenticatedSite, byte_size: int, extra_instance: bool, now: datetime
+) -> None:
+    """Count a file being stored, in its row's transaction: its bytes against the day, and,
+    unless it is the request's first (admission took that one), an instance."""
+    quota = site.policy.bytes_per_day
+    if quota is not None:
+        take_bytes(session, site.site_id, quota, byte_size, now)
+    rate = site.policy.instances_per_minute
+    if extra_instance and rate is not None:
+        take_instance(session, site.site_id, rate, now)
 
 
 def renew_slot(session: Session, slot_id: int, now: datetime, ttl_seconds: float) -> None:

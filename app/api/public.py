@@ -13,8 +13,9 @@ from app.access import sites
 from app.api.deps import ServiceDep
 from app.api.protocol import CLIENT_CERT_STATE
 from app.errors import MalformedMultipart, Refused
+from app.intake.ledger import Receipt
 from app.intake.multipart import MediaType
-from app.intake.pipeline import Batch, Item, Receipt, Refusal
+from app.intake.pipeline import Batch, Item, Refusal
 from app.service import Service
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,9 @@ from app.errors import (
     TooManyRequests,
     UnsupportedTransferSyntax,
 )
+from app.intake.ledger import Receipt
 from app.intake.multipart import Part
-from app.intake.pipeline import Batch, Receipt, Refusal
+from app.intake.pipeline import Batch, Refusal
 from app.orthanc_status import Status
 
 MEDIA_TYPE = "application/dicom+json"
