@@ -31,7 +31,8 @@ from app.access import sites
 from app.db import migrations
 from app.db.models import Site, State, Upload, utcnow
 from app.db.sessions import make_engine, make_sessionmaker
-from app.forwarding.forwarder import Forwarder, _Claim
+from app.forwarding.forwarder import Forwarder
+from app.forwarding.leases import Claim
 from app.forwarding.orthanc import OrthancClient
 from app.intake.spool import QUARANTINE, QUEUE, TMP, Spool
 from app.settings import Settings
@@ -185,7 +186,7 @@ def world(database_url: str, tmp_path: Path) -> Iterator[World]:
         engine.dispose()
 
 
-def _claim_one(forwarder: Forwarder) -> _Claim | None:
+def _claim_one(forwarder: Forwarder) -> Claim | None:
     claims = forwarder._claim()
     assert len(claims) <= 1
     return claims[0] if claims else None

@@ -1,11 +1,10 @@
-"""Delivery of queued uploads to the private Orthanc: claims, retries, quarantine.
+"""Delivery of queued uploads to the private Orthanc: attempts, retries, quarantine.
 
-One claimer leases due rows for the idle senders, several at a time, with a lease
-(``FOR UPDATE SKIP LOCKED`` on PostgreSQL; SQLite serialises writers with BEGIN
-IMMEDIATE), so several intake processes can share a database and a dead process's
-rows come back when their lease ends. Orthanc being unreachable is waited out for
-ever, with back-off; error answers (5xx) are retried up to ``forward_max_attempts``
-and refusals (4xx) are quarantined at once, the file kept for an admin.
+One claimer leases due rows for the idle senders, several at a time (app/forwarding/
+leases.py), so several intake processes can share a database. Orthanc being unreachable
+is waited out for ever, with back-off; error answers (5xx) are retried up to
+``forward_max_attempts`` and refusals (4xx) are quarantined at once, the file kept for
+an admin. Start-up recovery is app/forwarding/recovery.py.
 """
 
 from __future__ import annotations
@@ -14,24 +13,21 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import random
-import socket
 import time
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
-from sqlalchemy import Select, Table, bindparam, func, or_, select, update
+from sqlalchemy import Table, bindparam, func
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import logs
 from app.db.models import State, Upload, utcnow
 from app.errors import ForwardError, OrthancRefused
+from app.forwarding.leases import Claim, LeaseLost, Leases
 from app.forwarding.orthanc import OrthancClient, StoredInstance
+from app.forwarding.recovery import recover
 from app.intake.spool import QUARANTINE, QUEUE, Spool
 from app.metrics import Metrics
 from app.orthanc_status import STORED, Status
@@ -40,26 +36,7 @@ from app.settings import Settings
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class _Claim:
-    id: int
-    lease: str  # unique to this claim: writes check it, so a stale worker changes nothing
-    receipt: str
-    spool_name: str
-    expected_id: str | None
-    attempts: int
-    failed_answers: int
-    request_id: str | None = None
-
-
-# The hot path's statements, built once and in Core (docs/PERFORMANCE.md: building them
-# per delivery and the ORM's machinery were most of the forwarder's CPU).
 _UPLOADS = cast(Table, Upload.__table__)
-_LEASE = (
-    _UPLOADS.update()
-    .where(_UPLOADS.c.id.in_(bindparam("ids", expanding=True)))
-    .values(lease_owner=bindparam("lease"), lease_until=bindparam("until"))
-)
 # One UPDATE, checked against the lease: a sender whose lease ran out changes nothing.
 _MARK_FORWARDED = (
     _UPLOADS.update()
@@ -88,42 +65,6 @@ _MARK_FORWARDED = (
 )
 
 
-# Rows whose file is in this node's spool (``:node``; another node's files are not here).
-_OURS = or_(_UPLOADS.c.node == bindparam("node"), _UPLOADS.c.node.is_(None))
-
-
-def _due_rows() -> Select[Any]:
-    """Due rows of a node (``:node``, or none recorded), oldest first, ``:limit`` of them."""
-    c = _UPLOADS.c
-    return (
-        select(
-            c.id,
-            c.receipt,
-            c.spool_name,
-            c.orthanc_instance_id,
-            c.attempts,
-            c.failed_answers,
-            c.request_id,
-        )
-        .where(
-            c.state == State.QUEUED,
-            c.next_attempt_at <= bindparam("now"),
-            or_(c.lease_until.is_(None), c.lease_until < bindparam("now")),
-            _OURS,
-        )
-        .order_by(c.next_attempt_at, c.id)
-        .limit(bindparam("limit"))
-        .with_for_update(skip_locked=True)
-    )
-
-
-_DUE = _due_rows()
-
-
-class LeaseLost(Exception):
-    """The claim's lease ended and another worker took the row; this worker backs off."""
-
-
 def _md5(path: Path) -> str:
     digest = hashlib.md5(usedforsecurity=False)
     with path.open("rb") as file:
@@ -132,20 +73,10 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _is_zombie(pid: int) -> bool:
-    """Exited but not reaped. A forwarder process whose service was SIGKILLed is adopted
-    by PID 1, which in a container may never reap it: ``kill(pid, 0)`` still succeeds."""
-    proc = Path("/proc")
-    try:
-        stat = (proc / str(pid) / "stat").read_text()
-    except FileNotFoundError:
-        return proc.is_dir()  # reaped since kill() saw it; without /proc, we cannot tell
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[:1] == ["Z"]
-
-
 class Forwarder:
+    """Delivers queued uploads: one claimer feeds the senders; each attempt ends in
+    ``forwarded``, a retry later, or ``quarantined``, written under the claim's lease."""
+
     running = True  # as a task of the service's loop, it runs whenever the service does
 
     def __init__(
@@ -161,9 +92,18 @@ class Forwarder:
         self._sessions = sessions
         self._spool = spool
         self._orthanc = orthanc
-        self.owner = f"{socket.gethostname()[:32]}:{os.getpid()}"
+        self._leases = Leases(settings, sessions, spool)
         self._wake = asyncio.Event()
         self._orthanc_down_logged = False
+
+    @property
+    def owner(self) -> str:
+        """``host:pid``: the start of every lease this forwarder takes."""
+        return self._leases.owner
+
+    @owner.setter
+    def owner(self, owner: str) -> None:
+        self._leases.owner = owner
 
     def notify(self) -> None:
         """A row was queued: wake the claimer now rather than at the next poll."""
@@ -178,7 +118,7 @@ class Forwarder:
         """
         concurrency = self._settings.forward_concurrency
         idle = asyncio.Semaphore(concurrency)
-        claims: asyncio.Queue[_Claim] = asyncio.Queue()
+        claims: asyncio.Queue[Claim] = asyncio.Queue()
         tasks = [
             asyncio.create_task(self._sender(claims, idle), name=f"forwarder-{i}")
             for i in range(concurrency)
@@ -191,7 +131,7 @@ class Forwarder:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _claimer(self, claims: asyncio.Queue[_Claim], idle: asyncio.Semaphore) -> None:
+    async def _claimer(self, claims: asyncio.Queue[Claim], idle: asyncio.Semaphore) -> None:
         poll = self._settings.forward_poll_seconds
         while True:
             await idle.acquire()  # at least one sender is free
@@ -215,7 +155,7 @@ class Forwarder:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), poll)
 
-    async def _sender(self, claims: asyncio.Queue[_Claim], idle: asyncio.Semaphore) -> None:
+    async def _sender(self, claims: asyncio.Queue[Claim], idle: asyncio.Semaphore) -> None:
         while True:
             claim = await claims.get()
             try:
@@ -227,63 +167,9 @@ class Forwarder:
             finally:
                 idle.release()
 
-    def _claim(self, limit: int = 1) -> list[_Claim]:
-        """Lease up to ``limit`` due rows of this node, in one transaction."""
-        now = utcnow()
-        lease = f"{self.owner}/{uuid.uuid4().hex[:12]}"  # one per claim: see _Claim.lease
-        with self._sessions() as session:
-            rows = session.execute(
-                _DUE, {"now": now, "node": self._spool.node, "limit": limit}
-            ).all()
-            if not rows:
-                return []
-            until = now + timedelta(seconds=self._settings.forward_lease_seconds)
-            session.execute(
-                _LEASE, {"ids": [row.id for row in rows], "lease": lease, "until": until}
-            )
-            session.commit()
-        return [
-            _Claim(
-                id=row.id,
-                lease=lease,
-                receipt=row.receipt,
-                spool_name=row.spool_name or "",
-                expected_id=row.orthanc_instance_id,
-                attempts=row.attempts,
-                failed_answers=row.failed_answers,
-                request_id=row.request_id,
-            )
-            for row in rows
-        ]
-
-    @contextlib.contextmanager
-    def _owned(self, claim: _Claim) -> Iterator[tuple[Session, Upload]]:
-        """The claimed row, locked, if this claim still holds its lease; commits on exit."""
-        with self._sessions() as session:
-            row = session.get_one(Upload, claim.id, with_for_update=True)
-            if row.lease_owner != claim.lease or row.state != State.QUEUED:
-                raise LeaseLost(f"receipt={claim.receipt}: lease lost, now {row.state}")
-            yield session, row
-            row.lease_owner = row.lease_until = None
-            session.commit()
-
-    async def _keep_lease(self, claim: _Claim) -> None:
-        """Renew the lease while a long delivery runs, so no other worker takes the row."""
-        while True:
-            await asyncio.sleep(self._settings.forward_lease_seconds / 3)
-            await asyncio.to_thread(self._renew_lease, claim)
-
-    def _renew_lease(self, claim: _Claim) -> None:
-        with self._sessions() as session:
-            row = session.get_one(Upload, claim.id, with_for_update=True)
-            if row.lease_owner == claim.lease:
-                lease = self._settings.forward_lease_seconds
-                row.lease_until = utcnow() + timedelta(seconds=lease)
-                session.commit()
-
-    async def deliver(self, claim: _Claim) -> None:
+    async def deliver(self, claim: Claim) -> None:
         """One attempt at one claimed row; afterwards the row holds no lease of ours."""
-        heartbeat = asyncio.create_task(self._keep_lease(claim))
+        heartbeat = asyncio.create_task(self._leases.keep(claim))
         # This delivery's log lines carry the ID of the request that brought the file.
         traced = logs.request_id.set(claim.request_id)
         try:
@@ -301,7 +187,7 @@ class Forwarder:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await heartbeat
 
-    async def _attempt(self, claim: _Claim) -> None:
+    async def _attempt(self, claim: Claim) -> None:
         path = self._spool.path(QUEUE, claim.spool_name)
         if not path.exists():
             await asyncio.to_thread(
@@ -375,7 +261,7 @@ class Forwarder:
             return True  # Orthanc keeps no MD5: nothing to compare, trust its answer
         return remote == await asyncio.to_thread(_md5, path)
 
-    def _mark_forwarded(self, claim: _Claim, stored: StoredInstance) -> None:
+    def _mark_forwarded(self, claim: Claim, stored: StoredInstance) -> None:
         with self._sessions() as session:
             marked = session.execute(
                 _MARK_FORWARDED,
@@ -398,8 +284,8 @@ class Forwarder:
         self._spool.discard(self._spool.path(QUEUE, claim.spool_name))
         self._metrics.record_forwarded(marked.site_id, marked.received_at, utcnow())
 
-    def _quarantine(self, claim: _Claim, reason: str, detail: str) -> None:
-        with self._owned(claim) as (_, row):
+    def _quarantine(self, claim: Claim, reason: str, detail: str) -> None:
+        with self._leases.owned(claim) as (_, row):
             source = self._spool.path(QUEUE, claim.spool_name)
             # Moved before the commit: a crash in between leaves a queued row whose
             # file is in quarantine/, which the next attempt quarantines as missing.
@@ -414,7 +300,7 @@ class Forwarder:
         self._metrics.record_quarantine(site_id, reason)
         log.warning("quarantined receipt=%s reason=%s detail=%s", claim.receipt, reason, detail)
 
-    def _retry_later(self, claim: _Claim, error: ForwardError) -> None:
+    def _retry_later(self, claim: Claim, error: ForwardError) -> None:
         failed = claim.failed_answers + (1 if error.answered else 0)
         if failed >= self._settings.forward_max_attempts:
             self._quarantine(
@@ -427,7 +313,7 @@ class Forwarder:
             self._settings.forward_retry_base_seconds * 2 ** min(attempts - 1, 30),
         )
         delay *= random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not cryptography
-        with self._owned(claim) as (_, row):
+        with self._leases.owned(claim) as (_, row):
             row.attempts = attempts
             row.failed_answers = failed
             row.reason = "orthanc_unavailable"
@@ -445,90 +331,17 @@ class Forwarder:
             delay,
         )
 
-    def _lease_is_dead(self, lease: str) -> bool:
-        """A lease taken on this host by a process that no longer runs (or by our own pid,
-        reused after a restart: this process has claimed nothing yet)."""
-        owner = lease.split("/", 1)[0]
-        host, _, pid_text = owner.rpartition(":")
-        if host != self.owner.rpartition(":")[0] or not pid_text.isdigit():
-            return False
-        pid = int(pid_text)
-        if pid == os.getpid():
-            return True
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return _is_zombie(pid)
-
     def release_own_leases(self) -> int:
-        """Free this process's leases as it stops (its deliveries were cancelled), so the
-        next forwarder need not wait for them to run out, nor for this pid to be reaped."""
-        with self._sessions() as session:
-            released = session.scalars(
-                update(Upload)
-                .where(
-                    Upload.state == State.QUEUED,
-                    Upload.lease_owner.startswith(f"{self.owner}/", autoescape=True),
-                )
-                .values(lease_owner=None, lease_until=None)
-                .returning(Upload.id)
-            ).all()
-            session.commit()
-        return len(released)
+        """Free this process's leases as it stops (see ``Leases.release_own``)."""
+        return self._leases.release_own()
 
     def release_dead_leases(self) -> int:
-        """Free the leases of this host's processes that no longer run, at once rather
-        than when they run out. The service calls it when its forwarder process died;
-        never while this object itself delivers (its own pid counts as dead)."""
-        with self._sessions() as session:
-            released = self._release_dead_leases(session)
-            session.commit()
-        return released
-
-    def _release_dead_leases(self, session: Session) -> int:
-        leased = select(Upload).where(
-            Upload.state == State.QUEUED, Upload.lease_owner.is_not(None), _OURS
-        )
-        released = 0
-        for row in session.scalars(leased, {"node": self._spool.node}):
-            if row.lease_owner and self._lease_is_dead(row.lease_owner):
-                # Claimed by a process on this host that died (SIGKILL, crash): no need
-                # to wait for the lease to run out.
-                row.lease_owner = row.lease_until = None
-                released += 1
-        return released
+        """Free the leases of this host's dead processes (see ``Leases.release_dead``)."""
+        return self._leases.release_dead()
 
     def recover(self) -> None:
-        """At start-up: drop half-received files and orphans; flag rows that lost their file."""
-        now = time.time()
-        grace = self._settings.orphan_grace_seconds
-        lost: list[int] = []
-        for leftover in (self._spool.root / "tmp").glob("*.part"):
-            if now - leftover.stat().st_mtime >= grace:
-                self._spool.discard(leftover)
-        with self._sessions() as session:
-            for file in (self._spool.root / QUEUE).glob("*.dcm"):
-                state = session.scalar(select(Upload.state).where(Upload.receipt == file.stem))
-                if state == State.QUARANTINED:
-                    self._spool.keep(file, QUARANTINE, file.name)  # an admin may still want it
-                    continue
-                # No row yet may mean another process is between rename and commit.
-                orphan = state is None and now - file.stat().st_mtime >= grace
-                if orphan or (state is not None and state != State.QUEUED):
-                    log.warning("removing spool file %s: no queued upload needs it", file.name)
-                    self._spool.discard(file)
-            self._release_dead_leases(session)
-            queued = select(Upload).where(Upload.state == State.QUEUED, _OURS)
-            for row in session.scalars(queued, {"node": self._spool.node}):
-                if not self._spool.path(QUEUE, row.spool_name or "").is_file():
-                    row.state = State.QUARANTINED
-                    row.reason = "spool_file_missing"
-                    row.detail = f"the spool file {row.spool_name} was missing at start-up"
-                    lost.append(row.site_id)
-                    log.error("receipt=%s lost its spool file; quarantined", row.receipt)
-            session.commit()
-        for site_id in lost:
-            self._metrics.record_quarantine(site_id, "spool_file_missing")
+        """At start-up, before the first claim: see app/forwarding/recovery.py."""
+        recover(self._settings, self._sessions, self._spool, self._leases, self._metrics)
+
+    def _claim(self, limit: int = 1) -> list[Claim]:
+        return self._leases.claim(limit)
