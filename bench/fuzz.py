@@ -58,7 +58,7 @@ def _report(
 def _caught(path: str, limits: Any, label: str, caught: dict[str, str]) -> None:
     """Keep the detail of the first input per label that reached read_summary's catch-all
     (a pydicom exception the bounded scan did not pre-empt)."""
-    from app.dicom.summary import read_summary
+    from app.dicom.part10 import read_summary
     from app.errors import IntakeError
 
     if "pydicom" not in label or label in caught:

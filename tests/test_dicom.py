@@ -17,13 +17,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from app.dicom.part10 import read_summary
 from app.dicom.summary import (
     Limits,
     Summary,
     classify_preamble,
     orthanc_hash,
     orthanc_ids,
-    read_summary,
 )
 from app.errors import (
     BadUpload,

@@ -2,15 +2,14 @@
 
 The summary a validated file gives (``Summary``), the limits its parsing runs within,
 Orthanc's resource IDs for it, and the executable-preamble check (CVE-2019-11687).
-``read_summary`` is the way in to the parser, ``app.dicom.part10``, which brings pydicom
-(and numpy): it is imported on the first call, in a validation worker, so the serving
-process never holds either.
+The parser that makes a Summary is ``app.dicom.part10`` (pydicom, numpy); it imports this
+module, never the other way round, and only validation workers load it
+(``app.dicom.validation``), so the serving process never holds either.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from dataclasses import dataclass
 
@@ -26,7 +25,6 @@ __all__ = [
     "is_part10",
     "orthanc_hash",
     "orthanc_ids",
-    "read_summary",
 ]
 
 
@@ -59,13 +57,6 @@ class OrthancIds:
     study: str
     series: str
     instance: str
-
-
-def read_summary(path: str | os.PathLike[str], limits: Limits) -> Summary:
-    """Validate the Part 10 file at ``path`` within ``limits``; summarise it or raise."""
-    from app.dicom import part10  # here, not at the top: see the module's docstring
-
-    return part10.read_summary(path, limits)
 
 
 # What Orthanc indexes an instance by (PatientID, Study, Series, SOP Instance UID) holds

@@ -22,7 +22,7 @@ from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from app.dicom.summary import Limits, Summary, read_summary
+from app.dicom.summary import Limits, Summary
 from app.errors import MalformedDicom
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,18 @@ def _start_worker() -> None:
     importlib.import_module("app.dicom.part10")
 
 
+def read_summary(path: str, limits: Limits) -> Summary:
+    """The parser's ``read_summary``, in a worker: imported here, on the first call (or by
+    ``_start_worker``), so the serving process never loads pydicom and numpy."""
+    from app.dicom import part10
+
+    return part10.read_summary(path, limits)
+
+
 class Validator:
+    """Validates and summarises uploaded files in a pool of spawned worker processes
+    (threads with ``VALIDATION_WORKERS=0``); a worker that dies costs one file a 400."""
+
     def __init__(self, limits: Limits, workers: int) -> None:
         self.limits = limits
         self._workers = workers

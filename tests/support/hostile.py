@@ -32,7 +32,8 @@ import httpx
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_files
 
-from app.dicom.summary import Limits, read_summary
+from app.dicom.part10 import read_summary
+from app.dicom.summary import Limits
 from app.errors import (
     CorruptCompression,
     InflateLimitExceeded,
