@@ -6,9 +6,9 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import CursorResult, Engine, Update, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -140,3 +140,13 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
 def make_read_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     """Sessions for queries only: on SQLite they do not take the write lock."""
     return sessionmaker(engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)
+
+
+def changed_rows(session: Session, statement: Update) -> int:
+    """How many rows an UPDATE changed: claims and retries are decided by it."""
+    result = session.execute(statement, execution_options={"synchronize_session": False})
+    return cast("CursorResult[Any]", result).rowcount
+
+
+def is_postgresql(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"

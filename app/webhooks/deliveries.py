@@ -10,8 +10,9 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.db.models import Site, WebhookDelivery, utcnow
+from app.db.sessions import changed_rows
 from app.errors import DeliveryNotFailed, DeliveryNotFound
-from app.webhooks.notifier import FAILED, PENDING, changed_rows
+from app.webhooks.notifier import FAILED, PENDING
 
 
 @dataclass(frozen=True)

@@ -25,16 +25,17 @@ import logging
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 import httpx
-from sqlalchemy import CursorResult, Update, case, distinct, func, select, update
+from sqlalchemy import case, distinct, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import __version__
 from app.db.models import Site, State, Upload, WebhookDelivery, utcnow
+from app.db.sessions import changed_rows, is_postgresql
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ class Webhooks:
         with self._sessions() as session:
             found = session.execute(query).all()
             rows = [self._delivery(study, url, now) for study in found for url in urls]
-            if rows and _is_postgres(session):
+            if rows and is_postgresql(session):
                 session.execute(
                     postgresql.insert(WebhookDelivery).values(rows).on_conflict_do_nothing()
                 )
@@ -309,13 +310,3 @@ class Webhooks:
             outcome,
             f" ({error})" if error else "",
         )
-
-
-def changed_rows(session: Session, statement: Update) -> int:
-    """How many rows an UPDATE changed: claims and retries are decided by it."""
-    result = session.execute(statement, execution_options={"synchronize_session": False})
-    return cast("CursorResult[Any]", result).rowcount
-
-
-def _is_postgres(session: Session) -> bool:
-    return session.get_bind().dialect.name == "postgresql"
