@@ -52,6 +52,16 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class RequestHead:
+    """What the pipeline reads of a request's head, parsed once (app/api/deps.py)."""
+
+    client_address: str | None  # the client as the site's policy sees it (X-Forwarded-For)
+    media: multipart.MediaType
+    content_encoding: str | None = None
+    declared_bytes: int | None = None  # Content-Length, when the client sent one
+
+
+@dataclass(frozen=True)
 class Refusal:
     """A file that was not taken, and why (its UIDs when it was refused after validation)."""
 
@@ -85,6 +95,9 @@ _TRY_LATER = (TooManyRequests, ServiceUnavailable, SpoolFull)
 
 
 class Intake:
+    """The upload pipeline: every way in hands it a site, a request head and a body; each
+    file comes out stored (a Receipt) or refused (a Refusal), with its row committed."""
+
     def __init__(
         self,
         settings: Settings,
@@ -104,20 +117,16 @@ class Intake:
         self._ledger = Ledger(settings, sessions, spool)
 
     async def receive(
-        self,
-        site: AuthenticatedSite,
-        remote_addr: str | None,
-        body: AsyncIterator[bytes],
-        content_encoding: str | None = None,
-        declared_bytes: int | None = None,
+        self, site: AuthenticatedSite, head: RequestHead, body: AsyncIterator[bytes]
     ) -> Receipt | Batch:
         """One raw body: an instance (refused with an IntakeError) or a ZIP archive."""
+        remote_addr = head.client_address
         max_bytes = site.policy.max_bytes(self._settings.max_instance_bytes)
-        async with self._admitted(site, declared_bytes, max_bytes):
+        async with self._admitted(site, head.declared_bytes, max_bytes):
             received = await self._spool.receive(
                 body,
                 max_bytes=max_bytes,
-                content_encoding=content_encoding,
+                content_encoding=head.content_encoding,
                 idle_timeout=self._settings.body_idle_timeout_seconds,
                 min_rate=self._settings.body_min_rate_bytes_per_second,
                 max_archive_bytes=self._settings.max_request_bytes,
@@ -133,22 +142,21 @@ class Intake:
     async def receive_multipart(
         self,
         site: AuthenticatedSite,
-        remote_addr: str | None,
+        head: RequestHead,
         body: AsyncIterator[bytes],
-        boundary: str,
         keep: multipart.Keep,
         *,
         archives: bool,
-        content_encoding: str | None = None,
-        declared_bytes: int | None = None,
         expected_study: str | None = None,
     ) -> tuple[Batch, list[multipart.Part]]:
         """A multipart body: each kept part (or, with ``archives``, each ZIP's entries).
 
         Also returns the parts that were not kept, for the protocol to report.
         """
+        remote_addr = head.client_address
+        boundary = head.media.boundary()  # refused before the site's limits are counted
         max_bytes = site.policy.max_bytes(self._settings.max_instance_bytes)
-        async with self._admitted(site, declared_bytes, max_bytes):
+        async with self._admitted(site, head.declared_bytes, max_bytes):
             received = await multipart.receive(
                 self._spool,
                 body,
@@ -160,7 +168,7 @@ class Intake:
                     max_body_bytes=self._settings.max_request_bytes,
                 ),
                 keep=keep,
-                content_encoding=content_encoding,
+                content_encoding=head.content_encoding,
                 idle_timeout=self._settings.body_idle_timeout_seconds,
                 min_rate=self._settings.body_min_rate_bytes_per_second,
             )
