@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,8 +15,8 @@ import pytest
 from sqlalchemy import create_engine, select
 
 from app.db.models import Upload
-from tests.support.intake import ROOT, IntakeProcess, wait_until
-from tests.support.orthanc import OrthancProcess
+from tests.support.intake import ROOT, IntakeProcess, IntakeStartError, wait_until
+from tests.support.orthanc import OrthancProcess, free_port
 from tests.support.studies import make_study
 
 
@@ -98,3 +99,31 @@ def test_processes_starting_together_migrate_one_at_a_time(
     ]
     results = [run.communicate(timeout=120) for run in runs]
     assert [run.returncode for run in runs] == [0, 0, 0], results
+
+
+@pytest.mark.parametrize("taken", ["public", "admin"])
+def test_a_taken_port_ends_the_service_before_either_listener_answers(
+    make_intake: Callable[..., IntakeProcess], private_orthanc: OrthancProcess, taken: str
+) -> None:
+    """One listener up without the other is a service that looks healthy and takes nothing:
+    both ports are bound before anything starts, and a taken one ends the process (exit 1)."""
+    intake = make_intake(private_orthanc, start=False)
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    try:
+        port = holder.getsockname()[1]
+        intake.public_port, intake.admin_port = free_port(), free_port()
+        if taken == "public":
+            intake.public_port = port
+        else:
+            intake.admin_port = port
+        with pytest.raises(IntakeStartError, match="exited 1") as failed:
+            intake.start()
+        assert f"cannot listen on 127.0.0.1:{port}: address already in use" in str(failed.value)
+        # Nothing else started: no forwarder process, no listener line, no traceback.
+        log = intake.log_path.read_text()
+        assert "forwarder process" not in log
+        assert "Traceback" not in log
+    finally:
+        holder.close()

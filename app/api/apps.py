@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import resource
 import signal
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
 
@@ -171,10 +173,33 @@ def _file_limit(settings: Settings) -> None:
 _DESCRIPTORS_RESERVED = 256
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket, bound before anything of the service starts: a port that is
+    taken ends the service at once (exit 1), never one listener up without the other."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        why = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        log.error("cannot listen on %s:%s: %s", host, port, why)
+        raise SystemExit(1) from None
+    sock.set_inheritable(True)
+    return sock
+
+
 async def serve(settings: Settings) -> None:
     """Run the public and admin listeners and the forwarder until SIGINT/SIGTERM."""
     _file_limit(settings)
     context = tls.make_context(settings) if settings.tls_enabled else None
+    public_socket = _listen(settings.public_host, settings.public_port)
+    try:
+        admin_socket = _listen(settings.admin_host, settings.admin_port)
+    except SystemExit:
+        public_socket.close()
+        raise
     service = Service(settings)
     await service.start()
     public_server = _Server(
@@ -221,7 +246,9 @@ async def serve(settings: Settings) -> None:
         settings.admin_port,
     )
     try:
-        await asyncio.gather(public_server.serve(), admin_server.serve())
+        await asyncio.gather(
+            public_server.serve(sockets=[public_socket]), admin_server.serve(sockets=[admin_socket])
+        )
     finally:
         if watcher is not None:
             watcher.cancel()
