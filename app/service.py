@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 
 
 class Service:
+    """The running service, composed once per process: database engines, spool, validator,
+    access gates, the Orthanc client, the forwarder (in-process or its child process), the
+    pipeline and the webhooks; ``start`` and ``stop`` run their background tasks. Routes
+    take the pieces they need (app/api/deps.py), not this whole object."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.engine = make_engine(settings.database_url)

@@ -37,6 +37,10 @@ _CACHE_SIZE = 10_000
 
 
 class Access:
+    """The public listener's gate: the client address (trusted proxies only), the failed-
+    login throttle, the token (a short in-process cache in front of the database), and
+    the site's address and client-certificate policy; raises from the error tree."""
+
     def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
         self._settings = settings
         self._sessions = sessions

@@ -119,6 +119,10 @@ class KeptFile:
 
 
 class Backlog:
+    """The queue and the quarantine as an admin acts on them: pages of what waits, retries
+    (one upload, a study, a site), discards with a reason, and a conflict's two copies.
+    Every change is one conditional UPDATE, so it never races the forwarder's lease."""
+
     def __init__(self, sessions: sessionmaker[Session], spool: Spool) -> None:
         self._sessions = sessions
         self._spool = spool

@@ -99,6 +99,10 @@ class _Exchange:
 
 
 class OrthancClient:
+    """The private Orthanc over HTTP, and the only holder of its credentials: store an
+    instance (resent once on a stale kept-alive connection), read a stored one's MD5, and
+    answer the health check. Errors are ForwardError leaves: unavailable or refused."""
+
     def __init__(
         self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None
     ) -> None:

@@ -228,6 +228,10 @@ def decoder(content_encoding: str | None) -> _Gunzip | None:
 
 
 class Spool:
+    """The spool folder: bodies stream into tmp/, become durable in queue/ by fsync and
+    rename (and the folder's fsync), move to quarantine/ or refused/, and are removed only
+    once no row needs them. Refuses new bodies (507) below ``min_free_bytes``."""
+
     def __init__(self, root: Path, min_free_bytes: int = 0, node: str = "") -> None:
         self.root = root
         self.min_free_bytes = min_free_bytes
