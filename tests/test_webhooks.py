@@ -7,7 +7,6 @@ import hmac
 import io
 import json
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -139,8 +138,16 @@ def test_a_quiet_forwarded_study_sends_one_signed_event(
     [row] = wait_until(lambda: setup.deliveries(state="delivered"), timeout=10)
     assert event.headers["X-Intake-Delivery"] == str(row["id"])
     assert (row["attempts"], row["last_status"], row["payload"]) == (1, 204, payload)
-    time.sleep(1.5)  # several scans later, the settled study has made no second event
-    assert len(receiver.received()) == 1
+    # Several scans later, the settled study has made no second event. The scans are
+    # proved by a second study: its event is queued by a scan at least STUDY_QUIET_SECONDS
+    # (1 s) after its upload, scans running every 0.2 s, and each of them went over the
+    # first study too. The deliveries table holds every event those scans queued.
+    first = payload["study_instance_uid"]
+    second = dcmread(io.BytesIO(_upload_study(setup, n_series=1, per_series=1)[0]))
+    wait_until(lambda: setup.deliveries(state="delivered")[0]["id"] != row["id"], timeout=30)
+    queued = [r["payload"]["study_instance_uid"] for r in reversed(setup.deliveries())]
+    assert queued == [first, second.StudyInstanceUID]
+    assert [json.loads(r.body)["study_instance_uid"] for r in receiver.received()] == queued
 
 
 def test_a_study_that_grows_after_its_event_makes_a_new_one(
