@@ -6,8 +6,9 @@ import base64
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, update
+from sqlalchemy import create_engine, select, update
 
+from app.db.models import Site as SiteRow
 from app.db.models import SiteToken, utcnow
 from tests.support.intake import IntakeProcess, Site, wait_until
 from tests.support.orthanc import OrthancProcess
@@ -105,7 +106,7 @@ def test_unauthenticated_uploads_get_401_with_basic_challenge(
 
 
 def test_valid_token_with_another_site_name_is_refused(intake: IntakeProcess, site: Site) -> None:
-    other = intake.add_site("hospital-z")
+    other = intake.add_site(f"{site.name}-z")  # a name no other test takes
     response = httpx.post(
         f"{intake.url}/instances", content=b"x", headers=_basic(other.name, site.token)
     )
@@ -122,9 +123,14 @@ def test_bearer_token_is_accepted(intake: IntakeProcess, site: Site) -> None:
 
 
 def test_revoked_token_is_refused(intake: IntakeProcess, site: Site) -> None:
+    # This site's tokens only: the intake and its database are shared with other tests.
+    site_id = select(SiteRow.id).where(SiteRow.name == site.name).scalar_subquery()
     engine = create_engine(intake.database_url)
     with engine.begin() as conn:
-        conn.execute(update(SiteToken).values(revoked_at=utcnow()))
+        revoked = conn.execute(
+            update(SiteToken).where(SiteToken.site_id == site_id).values(revoked_at=utcnow())
+        )
+    assert revoked.rowcount == 1
     engine.dispose()
     response = httpx.post(
         f"{intake.url}/instances", content=b"x", headers=_basic(site.name, site.token)
