@@ -32,7 +32,12 @@ from app.uploader import sender
 from tests.support.certs import make_server_cert
 from tests.support.intake import ROOT, IntakeProcess, Site, wait_until
 from tests.support.orthanc import OrthancProcess, free_port
+from tests.support.shared import shared_intake_fixtures
 from tests.support.studies import make_study
+
+# Default settings: the module's shared intake and a site per test. Tests that need settings
+# of their own, or stop the archive, start their own intake (``make_intake``).
+intake, site, _admin = shared_intake_fixtures()
 
 
 def _command(
@@ -273,7 +278,11 @@ def test_too_many_concurrent_uploads_are_retried_until_accepted(
     assert report["failed"] == []
     assert report["retries"] > 0
     refused = _metric(
-        intake, "intake_uploads_total", outcome="rejected", reason="too_many_concurrent_uploads"
+        intake,
+        "intake_uploads_total",
+        site=site.name,
+        outcome="rejected",
+        reason="too_many_concurrent_uploads",
     )
     assert refused == report["retries"]
     # The intake's Retry-After (5 s) was honoured before the retries.
@@ -440,7 +449,7 @@ def test_https_to_the_plain_http_intake_says_so_in_one_sentence(
     )
     assert done.stderr == sentence + "\n"
     assert verbose.stderr.startswith(sentence + "\n  (ConnectError: [SSL: ")
-    assert _metric(intake, "intake_received_bytes_total") == 0
+    assert _metric(intake, "intake_received_bytes_total", site=site.name) == 0
 
 
 @pytest.mark.parametrize(
