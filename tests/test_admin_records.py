@@ -1,10 +1,15 @@
-"""The admin API's intake log, studies and daily stats, on a real intake over real HTTP."""
+"""The admin API's intake log, studies and daily stats, on a real intake over real HTTP.
+
+Every test runs on the module's shared intake (one per backend) with a site and an admin
+of its own, and looks only at its own rows: listings are filtered by its site(s), or by
+UIDs only its data carries, so what other tests wrote cannot change a result."""
 
 from __future__ import annotations
 
 import csv
 import io
 import threading
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,8 +29,8 @@ GARBAGE = b"not a DICOM file at all " * 20
 
 
 @pytest.fixture
-def api(intake: IntakeProcess, admin: Admin) -> Iterator[httpx.Client]:
-    with intake.admin_client(admin) as client:
+def api(shared_intake: IntakeProcess, fresh_admin: Admin) -> Iterator[httpx.Client]:
+    with shared_intake.admin_client(fresh_admin) as client:
         yield client
 
 
@@ -41,7 +46,9 @@ def _insert(intake: IntakeProcess, site: str, rows: list[dict[str, Any]]) -> lis
                 insert(Upload),
                 [{**base, "receipt": f"t{first + i:031d}", **r} for i, r in enumerate(rows)],
             )
-            ids = connection.scalars(select(Upload.id).where(Upload.id > first)).all()
+            ids = connection.scalars(
+                select(Upload.id).where(Upload.id > first, Upload.site_id == site_id)
+            ).all()
     finally:
         engine.dispose()
     return sorted(ids)
@@ -67,53 +74,69 @@ def _upload_all(intake: IntakeProcess, site: Site, files: list[bytes]) -> list[d
     "path",
     ["/api/uploads", "/api/uploads/1", "/api/uploads.csv", "/api/studies", "/api/stats/daily"],
 )
-def test_routes_need_an_admin(intake: IntakeProcess, admin: Admin, path: str) -> None:
+def test_routes_need_an_admin(shared_intake: IntakeProcess, fresh_admin: Admin, path: str) -> None:
     """Without credentials every route here answers 401 in the admin error shape."""
-    with intake.admin_client() as anonymous:
+    with shared_intake.admin_client() as anonymous:
         response = anonymous.get(path)
     assert response.status_code == 401
     assert set(response.json()) == {"error", "detail"}
 
 
-def test_each_filter_narrows_the_log(intake: IntakeProcess, site: Site, api: httpx.Client) -> None:
-    """Every filter keeps exactly the rows it names; filters combine."""
-    other = intake.add_site("hospital-b")
+def test_each_filter_narrows_the_log(
+    shared_intake: IntakeProcess, fresh_site: Site, api: httpx.Client
+) -> None:
+    """Every filter keeps exactly the rows it names; filters combine.
+
+    The test's rows are those of its two sites: a filter that other tests' rows also
+    match (state, patient, address, time) is read under each of the two sites in turn;
+    one on UIDs or Orthanc IDs, which only this test's files carry, over the whole log."""
+    other = shared_intake.add_site(f"other-{uuid.uuid4().hex[:12]}")
+
+    def ours(**params: Any) -> list[dict[str, Any]]:
+        return [
+            row
+            for name in (fresh_site.name, other.name)
+            for row in _all(api, "/api/uploads", site=name, **params)
+        ]
+
     first = make_study(2, 2, patient_id="PAT-A")
-    answers = _upload_all(intake, site, first)
-    _upload_all(intake, other, make_study(1, 2, patient_id="PAT-B"))
-    assert intake.upload(site, GARBAGE).status_code == 400
-    everything = _all(api, "/api/uploads")
+    answers = _upload_all(shared_intake, fresh_site, first)
+    _upload_all(shared_intake, other, make_study(1, 2, patient_id="PAT-B"))
+    assert shared_intake.upload(fresh_site, GARBAGE).status_code == 400
+    everything = ours()
     assert len(everything) == 7
-    mine = [r for r in everything if r["site"] == site.name]
+    mine = [r for r in everything if r["site"] == fresh_site.name]
     one = next(r for r in mine if r["sop_instance_uid"])
 
-    assert len(_all(api, "/api/uploads", site=site.name)) == 5
+    assert len(_all(api, "/api/uploads", site=fresh_site.name)) == 5
     assert _all(api, "/api/uploads", site="no-such-site") == []
-    rejected = _all(api, "/api/uploads", state="rejected")
+    rejected = ours(state="rejected")
     assert [r["reason"] for r in rejected] == ["not_dicom"]
-    assert len(_all(api, "/api/uploads", state=["rejected", "queued", "forwarded"])) == 7
+    assert len(ours(state=["rejected", "queued", "forwarded"])) == 7
     assert len(_all(api, "/api/uploads", reason="not_dicom", site=other.name)) == 0
     assert len(_all(api, "/api/uploads", study_uid=one["study_instance_uid"])) == 4
     assert len(_all(api, "/api/uploads", series_uid=one["series_instance_uid"])) == 2
     assert [r["id"] for r in _all(api, "/api/uploads", sop_uid=one["sop_instance_uid"])] == [
         one["id"]
     ]
-    assert len(_all(api, "/api/uploads", patient_id="PAT-B")) == 2
+    assert len(ours(patient_id="PAT-B")) == 2
     assert len(_all(api, "/api/uploads", orthanc_id=answers[0]["ParentStudy"])) == 4
     assert len(_all(api, "/api/uploads", orthanc_id=answers[0]["ParentSeries"])) == 2
     assert len(_all(api, "/api/uploads", orthanc_id=answers[0]["ID"])) == 1
-    assert len(_all(api, "/api/uploads", remote_addr="127.0.0.1")) == 7
-    assert _all(api, "/api/uploads", remote_addr="192.0.2.1") == []
-    newest = datetime.fromisoformat(everything[0]["received_at"])
-    assert len(_all(api, "/api/uploads", received_from=newest.isoformat())) == 1
-    assert len(_all(api, "/api/uploads", received_to=newest.isoformat())) == 6
+    assert len(ours(remote_addr="127.0.0.1")) == 7
+    assert ours(remote_addr="192.0.2.1") == []
+    newest = max(datetime.fromisoformat(r["received_at"]) for r in everything)
+    assert len(ours(received_from=newest.isoformat())) == 1
+    assert len(ours(received_to=newest.isoformat())) == 6
 
 
-def test_one_record_in_full(intake: IntakeProcess, site: Site, api: httpx.Client) -> None:
+def test_one_record_in_full(
+    shared_intake: IntakeProcess, fresh_site: Site, api: httpx.Client
+) -> None:
     """A record shows its hashes, sizes, UIDs and Orthanc IDs; an unknown id is 404."""
     data = make_study(1, 1)[0]
-    answer = _upload_all(intake, site, [data])[0]
-    listed = _all(api, "/api/uploads")[0]
+    answer = _upload_all(shared_intake, fresh_site, [data])[0]
+    listed = _all(api, "/api/uploads", site=fresh_site.name)[0]
     record = api.get(f"/api/uploads/{listed['id']}").json()
     assert record["byte_size"] == len(data)
     assert record["orthanc_instance_id"] == answer["ID"]
@@ -126,14 +149,14 @@ def test_one_record_in_full(intake: IntakeProcess, site: Site, api: httpx.Client
 
 
 def test_walking_pages_sees_every_row_once_while_uploads_arrive(
-    intake: IntakeProcess, site: Site, api: httpx.Client
+    shared_intake: IntakeProcess, fresh_site: Site, api: httpx.Client
 ) -> None:
     """Keyset pages: no duplicates and no gaps, though new rows arrive during the walk."""
     start = datetime.now(UTC) - timedelta(days=3)
     # Several rows share a timestamp, so the id has to break ties.
     existing = _insert(
-        intake,
-        site.name,
+        shared_intake,
+        fresh_site.name,
         [
             {"received_at": start + timedelta(seconds=i // 3), "state": "forwarded"}
             for i in range(300)
@@ -146,7 +169,7 @@ def test_walking_pages_sees_every_row_once_while_uploads_arrive(
         for data in files:
             if stop.is_set():
                 return
-            intake.upload(site, data)
+            shared_intake.upload(fresh_site, data)
 
     uploader = threading.Thread(target=keep_uploading)
     uploader.start()
@@ -155,7 +178,7 @@ def test_walking_pages_sees_every_row_once_while_uploads_arrive(
     cursor = None
     try:
         while True:
-            params: dict[str, Any] = {"limit": 37}
+            params: dict[str, Any] = {"site": fresh_site.name, "limit": 37}
             if cursor:
                 params["cursor"] = cursor
             page = api.get("/api/uploads", params=params).json()
@@ -181,59 +204,67 @@ def test_a_tampered_cursor_is_400(api: httpx.Client, cursor: str) -> None:
 
 
 def test_csv_has_a_header_and_the_filtered_rows(
-    intake: IntakeProcess, site: Site, api: httpx.Client
+    shared_intake: IntakeProcess, fresh_site: Site, api: httpx.Client
 ) -> None:
     files = make_study(1, 3)
-    _upload_all(intake, site, files)
-    assert intake.upload(site, GARBAGE).status_code == 400
-    response = api.get("/api/uploads.csv", params={"state": ["queued", "forwarded"]})
+    _upload_all(shared_intake, fresh_site, files)
+    assert shared_intake.upload(fresh_site, GARBAGE).status_code == 400
+    every = api.get("/api/uploads.csv", params={"site": fresh_site.name})
+    assert len(list(csv.DictReader(io.StringIO(every.text)))) == 4  # the refusal too
+    response = api.get(
+        "/api/uploads.csv", params={"site": fresh_site.name, "state": ["queued", "forwarded"]}
+    )
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/csv")
     rows = list(csv.DictReader(io.StringIO(response.text)))
     assert len(rows) == 3
-    assert {r["site"] for r in rows} == {site.name}
+    assert {r["site"] for r in rows} == {fresh_site.name}
     assert all(r["sop_instance_uid"] and r["reason"] == "" for r in rows)
     assert response.text.splitlines()[0].startswith("id,receipt,site,remote_addr,received_at")
 
 
-def test_csv_walks_past_one_batch(intake: IntakeProcess, site: Site, api: httpx.Client) -> None:
+def test_csv_walks_past_one_batch(
+    shared_intake: IntakeProcess, fresh_site: Site, api: httpx.Client
+) -> None:
     """More rows than one fetch still come out once each, newest first."""
     start = datetime.now(UTC) - timedelta(days=1)
     ids = _insert(
-        intake,
-        site.name,
+        shared_intake,
+        fresh_site.name,
         [
             {"received_at": start + timedelta(seconds=i // 2), "state": "queued"}
             for i in range(4500)
         ],
     )
-    response = api.get("/api/uploads.csv", params={"site": site.name})
+    response = api.get("/api/uploads.csv", params={"site": fresh_site.name})
     got = [int(r["id"]) for r in csv.DictReader(io.StringIO(response.text))]
     assert sorted(got) == ids
     assert got == sorted(got, reverse=True)
 
 
-def _study(api: httpx.Client, study_uid: str) -> dict[str, Any]:
-    items = _all(api, "/api/studies", study_uid=study_uid)
+def _study(api: httpx.Client, site: Site, study_uid: str) -> dict[str, Any]:
+    items = _all(api, "/api/studies", site=site.name, study_uid=study_uid)
     assert len(items) == 1
     return items[0]
 
 
 def test_studies_count_instances_series_and_states(
-    intake: IntakeProcess, site: Site, api: httpx.Client
+    shared_intake: IntakeProcess, fresh_site: Site, api: httpx.Client
 ) -> None:
     """Two studies of several series; a duplicate and refusals are counted apart."""
     first, second = make_study(3, 2), make_study(2, 3)
-    answers = _upload_all(intake, site, first + second)
-    assert intake.upload(site, first[0]).json()["Status"] == "AlreadyStored"  # a duplicate
-    assert intake.upload(site, GARBAGE).status_code == 400  # no Study UID: no study
+    answers = _upload_all(shared_intake, fresh_site, first + second)
+    assert (
+        shared_intake.upload(fresh_site, first[0]).json()["Status"] == "AlreadyStored"
+    )  # a duplicate
+    assert shared_intake.upload(fresh_site, GARBAGE).status_code == 400  # no Study UID: no study
     study_uid = _all(api, "/api/uploads", orthanc_id=answers[0]["ParentStudy"])[0][
         "study_instance_uid"
     ]
     # A refusal that knew its study (the intake records none today: see app/intake/pipeline.py).
     _insert(
-        intake,
-        site.name,
+        shared_intake,
+        fresh_site.name,
         [
             {
                 "received_at": datetime.now(UTC),
@@ -245,9 +276,9 @@ def test_studies_count_instances_series_and_states(
             }
         ],
     )
-    listed = _all(api, "/api/studies")
+    listed = _all(api, "/api/studies", site=fresh_site.name)
     assert len(listed) == 2
-    study = _study(api, study_uid)
+    study = _study(api, fresh_site, study_uid)
     assert study["instances"] == 6
     assert study["series"] == 3
     assert study["states"]["duplicate"] == 1
@@ -261,14 +292,19 @@ def test_studies_count_instances_series_and_states(
     assert listed[0]["last_received"] >= listed[1]["last_received"]
 
 
-def test_a_study_turns_quiet_after_the_quiet_time(intake: IntakeProcess, site: Site) -> None:
+def test_a_study_turns_quiet_after_the_quiet_time(
+    shared_intake: IntakeProcess, fresh_site: Site
+) -> None:
     """`quiet` compares the newest instance with now; seen from an hour later it is quiet."""
-    _upload_all(intake, site, make_study(1, 2))
-    engine = make_engine(intake.database_url)
+    _upload_all(shared_intake, fresh_site, make_study(1, 2))
+    engine = make_engine(shared_intake.database_url)
     try:
         with make_sessionmaker(engine)() as session:
             site_id, study_uid = session.execute(
-                select(Upload.site_id, Upload.study_instance_uid).limit(1)
+                select(Upload.site_id, Upload.study_instance_uid)
+                .join(SiteRow, SiteRow.id == Upload.site_id)
+                .where(SiteRow.name == fresh_site.name)
+                .limit(1)
             ).one()
             assert study_uid is not None
             key = (site_id, study_uid)
@@ -280,7 +316,7 @@ def test_a_study_turns_quiet_after_the_quiet_time(intake: IntakeProcess, site: S
 
 
 def test_studies_pages_list_every_study_once(
-    intake: IntakeProcess, site: Site, api: httpx.Client
+    shared_intake: IntakeProcess, fresh_site: Site, api: httpx.Client
 ) -> None:
     """Studies interleaved in time come out once each, by their latest instance."""
     start = datetime.now(UTC) - timedelta(hours=5)
@@ -296,12 +332,13 @@ def test_studies_pages_list_every_study_once(
                 "sop_instance_uid": f"1.2.3.{study}.1.{n}",
             }
         )
-    _insert(intake, site.name, rows)
+    _insert(shared_intake, fresh_site.name, rows)
     seen: list[str] = []
     cursor = None
     while True:
         page = api.get(
-            "/api/studies", params={"limit": 5, **({"cursor": cursor} if cursor else {})}
+            "/api/studies",
+            params={"site": fresh_site.name, "limit": 5, **({"cursor": cursor} if cursor else {})},
         )
         assert page.status_code == 200, page.text
         seen.extend(s["study_instance_uid"] for s in page.json()["items"])
@@ -309,36 +346,36 @@ def test_studies_pages_list_every_study_once(
         if cursor is None:
             break
     assert seen == [f"1.2.3.{s}" for s in (11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0)]
-    first = _study(api, "1.2.3.0")
+    first = _study(api, fresh_site, "1.2.3.0")
     assert first["instances"] == 250
 
 
 def test_one_study_lists_its_series_and_uploads(
-    intake: IntakeProcess, site: Site, api: httpx.Client
+    shared_intake: IntakeProcess, fresh_site: Site, api: httpx.Client
 ) -> None:
     files = make_study(2, 3)
-    answers = _upload_all(intake, site, files)
+    answers = _upload_all(shared_intake, fresh_site, files)
     study_uid = _all(api, "/api/uploads", orthanc_id=answers[0]["ParentStudy"])[0][
         "study_instance_uid"
     ]
-    study = api.get(f"/api/studies/{site.name}/{study_uid}").json()
+    study = api.get(f"/api/studies/{fresh_site.name}/{study_uid}").json()
     assert study["instances"] == 6
     assert [s["instances"] for s in study["series_list"]] == [3, 3]
     assert len(study["uploads"]["items"]) == 6
-    assert api.get(f"/api/studies/{site.name}/1.2.3.999").status_code == 404
+    assert api.get(f"/api/studies/{fresh_site.name}/1.2.3.999").status_code == 404
     assert api.get(f"/api/studies/no-such-site/{study_uid}").status_code == 404
 
 
 def test_daily_stats_count_uploads_bytes_rejections_and_latency(
-    intake: IntakeProcess, site: Site, api: httpx.Client
+    shared_intake: IntakeProcess, fresh_site: Site, api: httpx.Client
 ) -> None:
     files = make_study(1, 3)
-    _upload_all(intake, site, files)
-    assert intake.upload(site, GARBAGE).status_code == 400
-    wait_until(lambda: len(_all(api, "/api/uploads", state="forwarded")) == 3)
+    _upload_all(shared_intake, fresh_site, files)
+    assert shared_intake.upload(fresh_site, GARBAGE).status_code == 400
+    wait_until(lambda: len(_all(api, "/api/uploads", site=fresh_site.name, state="forwarded")) == 3)
     today = datetime.now(UTC).date()
-    figures = api.get("/api/stats/daily", params={"site": site.name}).json()
-    assert [s["site"] for s in figures] == [site.name]
+    figures = api.get("/api/stats/daily", params={"site": fresh_site.name}).json()
+    assert [s["site"] for s in figures] == [fresh_site.name]
     assert figures[0]["queue_depth"] == 0
     day = figures[0]["days"][-1]
     assert day["day"] == today.isoformat()
@@ -351,7 +388,7 @@ def test_daily_stats_count_uploads_bytes_rejections_and_latency(
 
 
 def test_daily_stats_percentiles_and_utc_days(
-    intake: IntakeProcess, site: Site, api: httpx.Client
+    shared_intake: IntakeProcess, fresh_site: Site, api: httpx.Client
 ) -> None:
     """Latencies of 100..1000 ms give p50 550, p90 910, p99 991; a day ends at UTC midnight."""
     day = datetime(2026, 3, 10, tzinfo=UTC)
@@ -367,9 +404,10 @@ def test_daily_stats_percentiles_and_utc_days(
     rows.append(
         {"received_at": late + timedelta(seconds=2), "forwarded_at": None, "state": "queued"}
     )
-    _insert(intake, site.name, rows)
+    _insert(shared_intake, fresh_site.name, rows)
     figures = api.get(
-        "/api/stats/daily", params={"site": site.name, "from": "2026-03-10", "to": "2026-03-11"}
+        "/api/stats/daily",
+        params={"site": fresh_site.name, "from": "2026-03-10", "to": "2026-03-11"},
     ).json()
     days = figures[0]["days"]
     assert [d["day"] for d in days] == ["2026-03-10", "2026-03-11"]
