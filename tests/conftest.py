@@ -190,23 +190,48 @@ def module_intake(
     process.kill()
 
 
+ModuleIntakes = Callable[..., IntakeProcess]
+
+
 @pytest.fixture(scope="module", params=BACKENDS)
-def shared_intake(
+def module_intakes(
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
     private_orthanc: OrthancProcess,
     templates: Templates,
-) -> Iterator[IntakeProcess]:
+) -> Iterator[ModuleIntakes]:
+    """A module's shared intakes on one backend, one per set of settings:
+    ``module_intakes(auth_cache_seconds="1")`` starts that intake on first use and hands
+    the same one to every later test of the module that asks for those settings.
+    ``orthanc=None`` gives one without an Orthanc (its forwards never arrive)."""
+    made: dict[tuple[object, ...], tuple[IntakeProcess, str]] = {}
+
+    def get(orthanc: OrthancProcess | None = private_orthanc, **env: str) -> IntakeProcess:
+        key = (id(orthanc), *sorted(env.items()))
+        if key not in made:
+            workdir = tmp_path_factory.mktemp(f"module-intake-{request.param}")
+            url = templates.copy(request.param, workdir)
+            process = IntakeProcess(
+                workdir / "intake",
+                url,
+                orthanc=orthanc,
+                env_extra={f"INTAKE_{k.upper()}": v for k, v in env.items()},
+            )
+            made[key] = process, url
+            process.start()
+        return made[key][0]
+
+    yield get
+    for process, url in made.values():
+        process.kill()
+        templates.drop_copy(request.param, url)
+
+
+@pytest.fixture(scope="module")
+def shared_intake(module_intakes: ModuleIntakes) -> IntakeProcess:
     """One intake per backend for a module's tests that take the default settings; each
     test makes its own site (``fresh_site``), so they stay independent of each other."""
-    workdir = tmp_path_factory.mktemp(f"shared-intake-{request.param}")
-    url = templates.copy(request.param, workdir)
-    process = IntakeProcess(workdir / "intake", url, orthanc=private_orthanc)
-    process.start()
-    yield process
-    process.kill()
-    if request.param != "sqlite":
-        postgres.drop_database(url)
+    return module_intakes()
 
 
 @pytest.fixture

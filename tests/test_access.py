@@ -34,8 +34,7 @@ from sqlalchemy.orm import Session
 from app.access import tokens
 from app.db.models import Site as SiteRow
 from app.db.models import Upload, UploadSlot
-from tests.conftest import BACKENDS, Templates
-from tests.support import postgres
+from tests.conftest import ModuleIntakes
 from tests.support.intake import IntakeProcess, Site, wait_until
 from tests.support.orthanc import OrthancProcess
 from tests.support.studies import make_study
@@ -74,65 +73,17 @@ def _new_address() -> str:
 # --- intakes -----------------------------------------------------------------------
 
 
-def _module_intake(
-    request: pytest.FixtureRequest,
-    tmp_path_factory: pytest.TempPathFactory,
-    orthanc: OrthancProcess,
-    templates: Templates,
-    name: str,
-    env: dict[str, str],
-) -> Iterator[IntakeProcess]:
-    """One intake on ``request.param``'s backend with ``env``, as conftest's shared_intake."""
-    workdir = tmp_path_factory.mktemp(f"{name}-{request.param}")
-    url = templates.copy(request.param, workdir)
-    process = IntakeProcess(
-        workdir / "intake",
-        url,
-        orthanc=orthanc,
-        env_extra={f"INTAKE_{k.upper()}": v for k, v in env.items()},
-    )
-    process.start()
-    yield process
-    process.kill()
-    if request.param != "sqlite":
-        postgres.drop_database(url)
+@pytest.fixture
+def fast_cache_intake(module_intakes: ModuleIntakes) -> IntakeProcess:
+    """The module's intake with a 1 s auth cache, for the tests that change a site and
+    wait for the change to take effect."""
+    return module_intakes(auth_cache_seconds=FAST_CACHE_SECONDS)
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
-def fast_cache_intake(
-    request: pytest.FixtureRequest,
-    tmp_path_factory: pytest.TempPathFactory,
-    private_orthanc: OrthancProcess,
-    templates: Templates,
-) -> Iterator[IntakeProcess]:
-    """One intake per backend with a 1 s auth cache, for the tests that change a site
-    and wait for the change to take effect."""
-    yield from _module_intake(
-        request,
-        tmp_path_factory,
-        private_orthanc,
-        templates,
-        "fast-cache-intake",
-        {"auth_cache_seconds": FAST_CACHE_SECONDS},
-    )
-
-
-@pytest.fixture(scope="module", params=BACKENDS)
-def proxy_intake(
-    request: pytest.FixtureRequest,
-    tmp_path_factory: pytest.TempPathFactory,
-    private_orthanc: OrthancProcess,
-    templates: Templates,
-) -> Iterator[IntakeProcess]:
-    """One intake per backend that trusts TRUSTED_PROXY's X-Forwarded-For."""
-    yield from _module_intake(
-        request,
-        tmp_path_factory,
-        private_orthanc,
-        templates,
-        "proxy-intake",
-        {"trusted_proxies": f"{TRUSTED_PROXY}/32"},
-    )
+@pytest.fixture
+def proxy_intake(module_intakes: ModuleIntakes) -> IntakeProcess:
+    """The module's intake that trusts TRUSTED_PROXY's X-Forwarded-For."""
+    return module_intakes(trusted_proxies=f"{TRUSTED_PROXY}/32")
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Site, State, Upload, utcnow
 from app.db.sessions import make_engine, make_sessionmaker
-from tests.conftest import BACKENDS, Templates
+from tests.conftest import ModuleIntakes
 from tests.support.intake import Admin, IntakeProcess, wait_until
 from tests.support.intake import Site as SiteCredentials
 from tests.support.orthanc import OrthancProcess, refusing_uploads
@@ -104,30 +104,18 @@ def _database(database_url: str) -> Iterator[sessionmaker[Session]]:
         engine.dispose()
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
+@pytest.fixture(scope="module")
 def offline(
-    request: pytest.FixtureRequest,
-    tmp_path_factory: pytest.TempPathFactory,
-    templates: Templates,
+    module_intakes: ModuleIntakes,
 ) -> Iterator[tuple[IntakeProcess, Admin, sessionmaker[Session]]]:
     """One offline intake per backend for the module: its Orthanc never answers and its
     retries wait an hour, so nothing moves under the rows a test puts in place."""
-    workdir = tmp_path_factory.mktemp(f"offline-{request.param}")
-    url = templates.copy(request.param, workdir)
-    intake = IntakeProcess(
-        workdir / "intake",
-        url,
-        env_extra={
-            "INTAKE_FORWARD_RETRY_BASE_SECONDS": "3600",
-            "INTAKE_FORWARD_RETRY_MAX_SECONDS": "3600",
-        },
+    intake = module_intakes(
+        None, forward_retry_base_seconds="3600", forward_retry_max_seconds="3600"
     )
-    intake.start()
     admin = intake.add_admin()
-    with _database(url) as sessions:
+    with _database(intake.database_url) as sessions:
         yield intake, admin, sessions
-    intake.kill()
-    templates.drop_copy(request.param, url)
 
 
 @pytest.fixture
