@@ -108,7 +108,7 @@ class Arrival:
     remote_addr: str | None
     receipt: str
     received_at: datetime
-    extra_instance: bool = False  # not the request's first: counted against the rate here
+    extra_instance: bool = False  # not the request's first: quotas.take_stored counts it
     expected_study: str | None = None  # STOW-RS /studies/{uid}
 
 

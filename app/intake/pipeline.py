@@ -4,12 +4,14 @@ Every way in uses it: a raw body (``receive``), a ZIP archive found in one (its
 entries, in archive order), and multipart bodies (``receive_multipart``: legacy
 form uploads and DICOMweb STOW-RS). Each file then takes the same steps in
 ``_accept``. A file ends in exactly one of these, before the site gets an answer:
-- refused (an IntakeError is raised; a ``rejected`` row records why);
+- refused (a ``Refusal``, raised to the route as ``Refused``; a ``rejected`` row records
+  why);
 - ``queued``: the file is durable in the spool and its row committed;
-- ``duplicate``: the same SOP instance with the same bytes was already taken;
-- ``quarantined`` as a conflict: same SOP Instance UID, different bytes. Orthanc
-  would keep its first copy and silently ignore this one, so it is kept here for
-  an admin instead.
+- ``duplicate``: this site already sent the same Orthanc instance with the same bytes;
+- ``quarantined``: as a ``conflict`` (the same Orthanc instance from this site with other
+  bytes: Orthanc would keep its first copy and silently ignore this one), or as
+  ``foreign_study`` (another site opened the study); kept for an admin either way.
+Identity is Orthanc's (patient, study, series and SOP Instance UID): app/intake/ledger.py.
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ class Intake:
     async def receive(
         self, site: AuthenticatedSite, head: RequestHead, body: AsyncIterator[bytes]
     ) -> Receipt | Batch:
-        """One raw body: an instance (refused with an IntakeError) or a ZIP archive."""
+        """One raw body: an instance (a refusal raised as ``Refused``) or a ZIP archive."""
         remote_addr = head.client_address
         max_bytes = site.policy.max_bytes(self._settings.max_instance_bytes)
         async with self._admitted(site, head.declared_bytes, max_bytes):
@@ -134,7 +136,7 @@ class Intake:
             self._metrics.record_bytes(site.name, received.byte_size)
             if received.archive:
                 return await self._unpack_all(site, remote_addr, [(None, received)])
-            outcome = await self._accept(self._context(site, remote_addr), received)
+            outcome = await self._accept(self._arrival(site, remote_addr), received)
             if isinstance(outcome, Refusal):
                 raise Refused(outcome.error, counted=True)
             return outcome
@@ -203,7 +205,7 @@ class Intake:
             self._metrics.record_refusal(site.name, exc.reason, time.perf_counter() - started)
             raise
 
-    def _context(
+    def _arrival(
         self,
         site: AuthenticatedSite,
         remote_addr: str | None,
@@ -235,7 +237,7 @@ class Intake:
                 elif received.archive:
                     later = await self._unpack(site, remote_addr, name, received, batch)
                 else:
-                    ctx = self._context(
+                    ctx = self._arrival(
                         site,
                         remote_addr,
                         extra_instance=bool(batch.items),
@@ -293,7 +295,7 @@ class Intake:
                         "INTAKE_MAX_ARCHIVE_INFLATED_BYTES="
                         f"{self._settings.max_archive_inflated_bytes})"
                     )
-                await self._refuse(self._context(site, remote_addr), received, exc, note=name)
+                await self._refuse(self._arrival(site, remote_addr), received, exc, note=name)
                 raise Refused(exc, counted=False) from None
 
     async def _unpack(
@@ -310,7 +312,7 @@ class Intake:
                 archive.Archive, received.path, self._archive_limits(site)
             )
         except IntakeError as exc:
-            await self._refuse(self._context(site, remote_addr), received, exc, note=name)
+            await self._refuse(self._arrival(site, remote_addr), received, exc, note=name)
             raise Refused(exc, counted=False) from exc
         skips: list[Upload] = []  # an archive's skipped entries: one transaction, not one each
         with opened:
@@ -333,7 +335,7 @@ class Intake:
             if later is not None:  # not opened: the site sends the archive again later
                 batch.items.append(Item(entry.name, Refusal(later, uuid.uuid4().hex)))
                 continue
-            ctx = self._context(site, remote_addr, extra_instance=bool(batch.items))
+            ctx = self._arrival(site, remote_addr, extra_instance=bool(batch.items))
             try:
                 part = await asyncio.to_thread(opened.extract, entry, self._spool)
             except archive.Skipped as skip:
