@@ -1,6 +1,6 @@
 """Fuzzing the validator: whatever the bytes, an answer that is documented, and fast.
 
-``app.dicom.summary.read_summary`` is run in-process on real files (generated instances of
+``app.dicom.part10.read_summary`` is run in-process on real files (generated instances of
 every encoding the intake takes, and pydicom's bundled test files) after hypothesis
 has mutated them: byte flips, truncation, insertion, deletion, splices of another
 file, length fields set to extreme values (``tests/support/hostile.py``). It must

@@ -6,7 +6,7 @@ decode the handful of short top-level values the summary needs, so no upload can
 pydicom recurse, inflate or buffer without bound. Every failure is a ``BadUpload`` leaf
 from ``app.errors``.
 
-Only the validation workers import this module (through ``dicom.read_summary``):
+Only the validation workers import this module (through ``app.dicom.validation.read_summary``):
 pydicom, and the numpy it imports whenever numpy is installed, stay out of the
 serving process.
 """
