@@ -9,6 +9,9 @@ RUNTIME := $(VENV)/.installed-runtime
 TESTDEPS := $(VENV)/.installed-test
 # `make dev-orthanc DEV_ORTHANC_PORT=8043`: empty reuses the last port (8042 at first).
 DEV_ORTHANC_PORT ?=
+# pytest-xdist workers for `make test`: one per core by default; each takes whole modules
+# (--dist loadfile), so a module's shared intakes start once. `PYTEST_WORKERS=0` runs serially.
+PYTEST_WORKERS ?= auto
 
 .PHONY: run test setup system-deps lint types pytest dev-orthanc clean
 
@@ -42,7 +45,7 @@ types:
 	$(BIN)/mypy
 
 pytest:
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 dev-orthanc:  ## a private Orthanc for `make run`, answering 127.0.0.1 only (Debian's orthanc)
 	bash scripts/orthanc-deps.sh

@@ -8,6 +8,7 @@ import sqlite3
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,28 +22,73 @@ BACKENDS = ["sqlite", "postgresql"]
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """In CI a skipped test is a failure: every test here uses real components. And no
-    secret the suite handed out may appear in any intake log it produced."""
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    secret the suite handed out may appear in any intake log it produced.
+
+    Under pytest-xdist (`make test` runs ``-n``) each worker searches the logs of the
+    services it started and hands its findings to the controller (`workeroutput`), which
+    judges the whole run here, as a run without workers judges its own."""
+    config = session.config
+    warned = leaks.SUITE.new_warnings()  # written after the last test: at shutdown
+    found = leaks.SUITE.scan()
+    secrets, logs = leaks.SUITE.counts()
+    if hasattr(config, "workeroutput"):  # an xdist worker: the controller reports
+        config.workeroutput["leaks"] = {
+            "warned": warned,
+            "found": found,
+            "secrets": secrets,
+            "logs": logs,
+        }
+        return
+    _LOGS_FOUND.add(warned=warned, found=found, secrets=secrets, logs=logs)
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
     skipped = len(reporter.stats.get("skipped", [])) if reporter else 0
     if os.environ.get("CI") and skipped:
         if reporter:
             reporter.write_line(f"CI: {skipped} test(s) skipped; skips fail the run here", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
-    warned = leaks.SUITE.new_warnings()  # written after the last test: at shutdown
-    if warned:
+    total = _LOGS_FOUND
+    if total.warned:
         if reporter:
-            for line in warned:
+            for line in total.warned:
                 reporter.write_line(f"Python warning in a service log: {line}", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
-    found = leaks.SUITE.scan()
-    secrets, logs = leaks.SUITE.counts()
-    if reporter and logs:
-        reporter.write_line(f"secrets in logs: {len(found)} ({secrets} secrets, {logs} logs read)")
-    if found:
+    if reporter and total.logs:
+        reporter.write_line(
+            f"secrets in logs: {len(total.found)} ({total.secrets} secrets, {total.logs} logs read)"
+        )
+    if total.found:
         if reporter:
-            for line in found:
+            for line in total.found:
                 reporter.write_line(f"secret leaked into a log: {line}", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+class _LeakTotals:
+    """What every process of the run found in the logs it searched."""
+
+    def __init__(self) -> None:
+        self.warned: list[str] = []
+        self.found: list[str] = []
+        self.secrets = 0
+        self.logs = 0
+
+    def add(self, *, warned: list[str], found: list[str], secrets: int, logs: int) -> None:
+        self.warned += warned
+        self.found += found
+        self.secrets += secrets
+        self.logs += logs
+
+
+_LOGS_FOUND = _LeakTotals()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """An xdist worker is done: keep what it found in its logs (see pytest_sessionfinish)."""
+    found = getattr(node, "workeroutput", {}).get("leaks")
+    if found is None:  # a worker that died before its session ended: xdist reports it
+        return
+    _LOGS_FOUND.add(**found)
 
 
 @pytest.fixture(autouse=True)

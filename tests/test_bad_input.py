@@ -8,7 +8,6 @@ import io
 import socket
 import warnings
 import zlib
-from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -18,6 +17,7 @@ from sqlalchemy import create_engine, select
 
 from app.db.models import Site as SiteRow
 from app.db.models import State, Upload
+from tests.conftest import ModuleIntakes
 from tests.support.intake import IntakeProcess, Site, wait_until
 from tests.support.orthanc import OrthancProcess
 from tests.support.shared import shared_intake_fixtures
@@ -155,10 +155,9 @@ def test_gzip_upload_is_accepted(intake: IntakeProcess, site: Site) -> None:
 
 
 @pytest.fixture
-def small_intake(
-    make_intake: Callable[..., IntakeProcess], private_orthanc: OrthancProcess
-) -> IntakeProcess:
-    return make_intake(private_orthanc, max_instance_bytes=str(256 * 1024))
+def small_intake(module_intakes: ModuleIntakes) -> IntakeProcess:
+    """The module's one intake per backend with a 256 KiB instance cap."""
+    return module_intakes(max_instance_bytes=str(256 * 1024))
 
 
 def test_oversize_declared_body_is_413(small_intake: IntakeProcess) -> None:
