@@ -28,25 +28,18 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     services it started and hands its findings to the controller (`workeroutput`), which
     judges the whole run here, as a run without workers judges its own."""
     config = session.config
-    warned = leaks.SUITE.new_warnings()  # written after the last test: at shutdown
-    found = leaks.SUITE.scan()
-    secrets, logs = leaks.SUITE.counts()
-    if hasattr(config, "workeroutput"):  # an xdist worker: the controller reports
-        config.workeroutput["leaks"] = {
-            "warned": warned,
-            "found": found,
-            "secrets": secrets,
-            "logs": logs,
-        }
+    mine = leaks.SUITE.findings()  # warnings written after the last test: at shutdown
+    if hasattr(config, "workeroutput"):  # an xdist worker: the controller judges
+        config.workeroutput["leaks"] = mine.as_dict()
         return
-    _LOGS_FOUND.add(warned=warned, found=found, secrets=secrets, logs=logs)
+    _RUN_FINDINGS.add(mine)
+    total = _RUN_FINDINGS
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     skipped = len(reporter.stats.get("skipped", [])) if reporter else 0
     if os.environ.get("CI") and skipped:
         if reporter:
             reporter.write_line(f"CI: {skipped} test(s) skipped; skips fail the run here", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
-    total = _LOGS_FOUND
     if total.warned:
         if reporter:
             for line in total.warned:
@@ -63,32 +56,16 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-class _LeakTotals:
-    """What every process of the run found in the logs it searched."""
-
-    def __init__(self) -> None:
-        self.warned: list[str] = []
-        self.found: list[str] = []
-        self.secrets = 0
-        self.logs = 0
-
-    def add(self, *, warned: list[str], found: list[str], secrets: int, logs: int) -> None:
-        self.warned += warned
-        self.found += found
-        self.secrets += secrets
-        self.logs += logs
-
-
-_LOGS_FOUND = _LeakTotals()
+_RUN_FINDINGS = leaks.Findings()  # the workers' (pytest_testnodedown) and this process's
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node: Any, error: object) -> None:
-    """An xdist worker is done: keep what it found in its logs (see pytest_sessionfinish)."""
+    """An xdist worker is done: keep what it found in its logs (see pytest_sessionfinish).
+    A worker that died before its session ended sends nothing; xdist fails the run."""
     found = getattr(node, "workeroutput", {}).get("leaks")
-    if found is None:  # a worker that died before its session ended: xdist reports it
-        return
-    _LOGS_FOUND.add(**found)
+    if found is not None:
+        _RUN_FINDINGS.add(leaks.Findings(**found))
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,9 @@ is searched for Python warnings: the services show every warning they meet
 from __future__ import annotations
 
 import re
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 _TOKEN_SHAPE = re.compile(r"oi[ta]_[A-Za-z0-9]{20,}")
 # A warning as Python prints it ("path.py:12: UserWarning: …"), or as an exception under
@@ -25,6 +27,27 @@ _PYTHON_WARNING = re.compile(
 def python_warnings(text: str) -> list[str]:
     """The lines of ``text`` that hold a Python warning."""
     return [line for line in text.splitlines() if _PYTHON_WARNING.search(line)]
+
+
+@dataclass
+class Findings:
+    """What one or more test processes found in the logs they searched: Python warnings
+    written at shutdown, leaked secrets, and how much was searched. Under pytest-xdist each
+    worker sends its own as a dict (``as_dict``) and the controller adds them up."""
+
+    warned: list[str] = field(default_factory=list)
+    found: list[str] = field(default_factory=list)
+    secrets: int = 0
+    logs: int = 0
+
+    def add(self, other: Findings) -> None:
+        self.warned += other.warned
+        self.found += other.found
+        self.secrets += other.secrets
+        self.logs += other.logs
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 class Registry:
@@ -60,6 +83,11 @@ class Registry:
             text = complete.decode(errors="replace")
             found.extend(f"{log}: {line}" for line in python_warnings(text))
         return found
+
+    def findings(self) -> Findings:
+        """This process's last search: warnings not yet seen, and every leak so far."""
+        secrets, logs = self.counts()
+        return Findings(self.new_warnings(), self.scan(), secrets, logs)
 
     def scan(self) -> list[str]:
         """One line per leak: which log, which secret (by its first characters only)."""
