@@ -9,7 +9,7 @@ RUNTIME := $(VENV)/.installed-runtime
 TESTDEPS := $(VENV)/.installed-test
 # `make dev-orthanc DEV_ORTHANC_PORT=8043`: empty reuses the last port (8042 at first).
 DEV_ORTHANC_PORT ?=
-# pytest-xdist workers for `make test`: one per core by default; each takes whole modules
+# pytest-xdist workers for `make test`: one per CPU by default; each takes whole modules
 # (--dist loadfile), so a module's shared intakes start once. `PYTEST_WORKERS=0` runs serially.
 PYTEST_WORKERS ?= auto
 
