@@ -91,13 +91,20 @@ class Service:
                 max_workers=32 + self.settings.forward_concurrency, thread_name_prefix="db"
             )
         )
-        if self.settings.auto_migrate:
-            from app.db import migrations
+        if isinstance(self._delivery, ForwarderProcess):
+            await self._delivery.spawn()  # its imports overlap what follows
+        try:
+            if self.settings.auto_migrate:
+                from app.db import migrations
 
-            await asyncio.to_thread(migrations.upgrade, self.settings.database_url)
-        self.spool.ensure()
-        await asyncio.to_thread(self.forwarder.recover)
-        await asyncio.to_thread(self.validator.warm_up)
+                await asyncio.to_thread(migrations.upgrade, self.settings.database_url)
+            self.spool.ensure()
+            await asyncio.to_thread(self.forwarder.recover)
+            await asyncio.to_thread(self.validator.warm_up)
+        except BaseException:
+            if isinstance(self._delivery, ForwarderProcess):
+                await self._delivery.discard()
+            raise
         self._tasks.append(asyncio.create_task(self._report_orthanc(), name="orthanc-check"))
         self._tasks.append(asyncio.create_task(self._delivery.run(), name="forwarder"))
         if not self.settings.forwarder_process:  # its own process says so itself
@@ -149,6 +156,8 @@ class Service:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        if isinstance(self._delivery, ForwarderProcess):
+            await self._delivery.discard()  # if stopped before its task ever ran
         await self.orthanc.aclose()
         await self.webhooks.aclose()
         await asyncio.to_thread(self.validator.close)

@@ -63,7 +63,29 @@ class ForwarderProcess:
         self._forwarder = forwarder  # only to free a dead child's leases
         self._metrics = metrics
         self._stdin: asyncio.StreamWriter | None = None
+        self._spawned: asyncio.subprocess.Process | None = None  # started, no settings yet
         self.running = False  # the child said it is ready, and has not exited since
+
+    async def spawn(self) -> None:
+        """Start the first child now, before the service's own start-up (recovery, the
+        validation workers): its imports, about a second, overlap that work instead of
+        following it. It waits for its settings, which ``run`` sends, before it delivers
+        anything. If ``run`` never comes, ``discard`` ends it (so does the service's exit:
+        the child reads end of file)."""
+        if self._spawned is None:
+            self._spawned = await self._spawn()
+
+    async def discard(self) -> None:
+        """End a child that was spawned but never given its settings."""
+        child, self._spawned = self._spawned, None
+        if child is not None and child.returncode is None:
+            assert child.stdin is not None
+            child.stdin.close()  # end of file before the settings: it exits at once
+            try:
+                await asyncio.wait_for(child.wait(), _STOP_SECONDS)
+            except TimeoutError:
+                child.kill()
+                await child.wait()
 
     def notify(self) -> None:
         """A row was queued: wake the child's claimer now rather than at its next poll."""
@@ -87,14 +109,18 @@ class ForwarderProcess:
             await asyncio.sleep(pause)
             pause = min(pause * 2, _MAX_PAUSE)
 
-    async def _run_child(self) -> int:
-        child = await asyncio.create_subprocess_exec(
+    @staticmethod
+    async def _spawn() -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "app.forwarding.process",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
+
+    async def _run_child(self) -> int:
+        child, self._spawned = self._spawned or await self._spawn(), None
         assert child.stdin is not None
         assert child.stdout is not None
         settings = pickle.dumps(self._settings)
