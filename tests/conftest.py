@@ -18,6 +18,8 @@ from tests.support.intake import Admin, IntakeProcess, Site
 from tests.support.orthanc import OrthancProcess
 
 BACKENDS = ["sqlite", "postgresql"]
+# For a test whose subject plays no part in the database (a listener, a page, a file system).
+SQLITE_ONLY = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

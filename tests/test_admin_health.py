@@ -1,4 +1,7 @@
-"""Health, readiness and Prometheus metrics on the admin listener."""
+"""Health, readiness and Prometheus metrics on the admin listener.
+
+Tests on default settings share one intake per backend (``shared_intake``), each with a
+site of its own: the metrics they read are the site's own series."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from collections.abc import Callable
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import SQLITE_ONLY
 from tests.support.intake import IntakeProcess, Site, wait_until
 from tests.support.orthanc import OrthancProcess
 from tests.support.studies import make_study
@@ -34,8 +38,8 @@ def _value(
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
-def test_healthz_answers_without_credentials(intake: IntakeProcess) -> None:
-    response = httpx.get(f"{intake.admin_url}/healthz")
+def test_healthz_answers_without_credentials(shared_intake: IntakeProcess) -> None:
+    response = httpx.get(f"{shared_intake.admin_url}/healthz")
     assert response.status_code == 200
     assert response.json() == {"status": "ok"}
 
@@ -61,6 +65,7 @@ def test_readyz_follows_the_private_orthanc(
     wait_until(lambda: _ready(intake).status_code == 200, timeout=30)
 
 
+@SQLITE_ONLY  # the spool's own check
 def test_readyz_fails_when_the_spool_disk_is_below_its_floor(
     make_intake: Callable[..., IntakeProcess], private_orthanc: OrthancProcess
 ) -> None:
@@ -71,8 +76,9 @@ def test_readyz_fails_when_the_spool_disk_is_below_its_floor(
     assert "floor" in response.json()["failing"]["spool"]
 
 
-def test_metrics_count_uploads_per_site(intake: IntakeProcess, site: Site) -> None:
+def test_metrics_count_uploads_per_site(shared_intake: IntakeProcess, fresh_site: Site) -> None:
     """Accepted, duplicate and rejected uploads, bytes, forwards and latency, by site name."""
+    intake, site = shared_intake, fresh_site
     files = make_study(n_series=1, per_series=2)
     for data in files:
         assert intake.upload(site, data).status_code == 200
@@ -115,8 +121,9 @@ def test_metrics_show_the_queue_while_orthanc_is_down(
 
 
 def test_metrics_never_show_tokens_passwords_or_patient_data(
-    intake: IntakeProcess, site: Site, private_orthanc: OrthancProcess
+    shared_intake: IntakeProcess, fresh_site: Site, private_orthanc: OrthancProcess
 ) -> None:
+    intake, site = shared_intake, fresh_site
     files = make_study(n_series=1, per_series=1, patient_id="PATIENT-SECRET-42")
     assert intake.upload(site, files[0]).status_code == 200
     assert intake.upload(site, b"garbage").status_code == 400

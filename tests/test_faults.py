@@ -23,10 +23,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 from sqlalchemy.engine import make_url
 
 from app.db.sessions import SQLITE_BUSY_TIMEOUT_MS
+from tests.conftest import SQLITE_ONLY
 from tests.support import postgres
 from tests.support.archives import make_zip
 from tests.support.faults import (
@@ -60,7 +60,6 @@ from tests.support.intake import IntakeProcess, Site
 from tests.support.orthanc import OrthancProcess
 from tests.support.studies import make_study
 
-SQLITE_ONLY = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 SETTLE_SECONDS = 120  # a noisy 2-core machine: generous, but bounded
 
 

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from app.db.models import State, Upload, utcnow
 from app.forwarding.orthanc import OrthancClient
 from app.settings import Settings
+from tests.conftest import SQLITE_ONLY
 from tests.support.intake import IntakeProcess, wait_until
 from tests.support.keepalive import Close, IdleClosingProxy
 from tests.support.orthanc import OrthancProcess
@@ -142,7 +143,7 @@ def test_a_forward_that_meets_a_closed_connection_is_sent_again_at_once(
     assert intake.log_text().count(RESENT) == counts.reused_after_close
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@SQLITE_ONLY
 def test_a_new_connection_that_fails_is_a_real_failure(
     make_intake: Callable[..., IntakeProcess], private_orthanc: OrthancProcess, engine: Engine
 ) -> None:
@@ -166,7 +167,7 @@ def test_a_new_connection_that_fails_is_a_real_failure(
     assert _retries(intake) == {"unreachable": 1.0}
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@SQLITE_ONLY
 def test_the_intake_lets_idle_connections_go_before_orthanc_closes_them(
     make_intake: Callable[..., IntakeProcess], private_orthanc: OrthancProcess, engine: Engine
 ) -> None:
@@ -185,7 +186,7 @@ def test_the_intake_lets_idle_connections_go_before_orthanc_closes_them(
     assert RESENT not in intake.log_text()
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@SQLITE_ONLY
 def test_a_readiness_check_on_a_closed_connection_is_sent_again(
     make_intake: Callable[..., IntakeProcess], private_orthanc: OrthancProcess
 ) -> None:

@@ -15,6 +15,7 @@ import httpx
 import pytest
 from cryptography import x509
 
+from tests.conftest import SQLITE_ONLY, ModuleIntakes
 from tests.support.certs import ClientCert, make_client_certs, make_server_cert
 from tests.support.intake import IntakeProcess, Site, wait_until
 from tests.support.orthanc import OrthancProcess
@@ -52,19 +53,14 @@ def _policy(intake: IntakeProcess, site: Site, *options: str) -> None:
     assert done.returncode == 0, done.stderr
 
 
-def test_only_tls_1_2_and_1_3_are_offered(
-    make_intake: Callable[..., IntakeProcess], private_orthanc: OrthancProcess, tmp_path: Path
-) -> None:
-    server = make_server_cert(tmp_path / "certs")
-    intake = make_intake(
-        private_orthanc, tls_certfile=str(server.cert_file), tls_keyfile=str(server.key_file)
-    )
-    modern = ssl.create_default_context(cafile=str(server.ca_file))
+def test_only_tls_1_2_and_1_3_are_offered(mtls: Mtls) -> None:
+    intake, ca_file, _, _ = mtls  # a client certificate is optional there
+    modern = ssl.create_default_context(cafile=str(ca_file))
     assert _handshake(intake.public_port, modern) == "TLSv1.3"
-    tls12 = ssl.create_default_context(cafile=str(server.ca_file))
+    tls12 = ssl.create_default_context(cafile=str(ca_file))
     tls12.maximum_version = ssl.TLSVersion.TLSv1_2
     assert _handshake(intake.public_port, tls12) == "TLSv1.2"
-    old = ssl.create_default_context(cafile=str(server.ca_file))
+    old = ssl.create_default_context(cafile=str(ca_file))
     old.set_ciphers("ALL:@SECLEVEL=0")  # this client would speak TLS 1.1; the server won't
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -76,6 +72,7 @@ def test_only_tls_1_2_and_1_3_are_offered(
         _handshake(intake.public_port, old)
 
 
+@SQLITE_ONLY  # the listener's certificate: the database plays no part
 def test_a_renewed_certificate_is_served_without_a_restart(
     make_intake: Callable[..., IntakeProcess], private_orthanc: OrthancProcess, tmp_path: Path
 ) -> None:
@@ -120,6 +117,7 @@ def _serial_or_none(port: int, ca_file: Path) -> int | None:
         return None
 
 
+@SQLITE_ONLY  # the listener's certificate: the database plays no part
 def test_a_broken_renewal_keeps_the_current_certificate(
     make_intake: Callable[..., IntakeProcess], private_orthanc: OrthancProcess, tmp_path: Path
 ) -> None:
@@ -136,15 +134,18 @@ def test_a_broken_renewal_keeps_the_current_certificate(
     assert _server_cert_serial(intake.public_port, server.ca_file) == before
 
 
-@pytest.fixture
-def mtls(
-    make_intake: Callable[..., IntakeProcess], private_orthanc: OrthancProcess, tmp_path: Path
-) -> tuple[IntakeProcess, Path, dict[str, ClientCert], ClientCert]:
-    server = make_server_cert(tmp_path / "server")
-    client_ca, certs = make_client_certs(tmp_path / "clients", ["site-a", "site-b"])
-    _, rogue = make_client_certs(tmp_path / "rogue", ["site-a"])
-    intake = make_intake(
-        private_orthanc,
+Mtls = tuple[IntakeProcess, Path, dict[str, ClientCert], ClientCert]
+
+
+@pytest.fixture(scope="module")
+def mtls(module_intakes: ModuleIntakes, tmp_path_factory: pytest.TempPathFactory) -> Mtls:
+    """One intake per backend asking for client certificates (optional), shared by the
+    module's tests that neither renew its certificate nor need another mode."""
+    root = tmp_path_factory.mktemp("mtls")
+    server = make_server_cert(root / "server")
+    client_ca, certs = make_client_certs(root / "clients", ["site-a", "site-b"])
+    _, rogue = make_client_certs(root / "rogue", ["site-a"])
+    intake = module_intakes(
         tls_certfile=str(server.cert_file),
         tls_keyfile=str(server.key_file),
         tls_client_cafile=str(client_ca),
@@ -154,7 +155,7 @@ def mtls(
 
 
 def test_a_site_bound_to_a_certificate_needs_it_as_well_as_its_token(
-    mtls: tuple[IntakeProcess, Path, dict[str, ClientCert], ClientCert],
+    mtls: Mtls,
 ) -> None:
     intake, ca_file, certs, _ = mtls
     site = intake.add_site("bound")
@@ -187,7 +188,7 @@ def test_a_site_bound_to_a_certificate_needs_it_as_well_as_its_token(
 
 
 def test_certificates_from_another_ca_fail_the_handshake(
-    mtls: tuple[IntakeProcess, Path, dict[str, ClientCert], ClientCert],
+    mtls: Mtls,
 ) -> None:
     intake, ca_file, _, rogue = mtls
     # (TLS 1.3 reports a refused client certificate on the first read, not the handshake.)
@@ -218,7 +219,7 @@ def test_required_mode_refuses_connections_without_a_certificate(
 
 
 def test_an_orthanc_peer_pushes_with_its_client_certificate(
-    mtls: tuple[IntakeProcess, Path, dict[str, ClientCert], ClientCert],
+    mtls: Mtls,
     private_orthanc: OrthancProcess,
     tmp_path: Path,
 ) -> None:

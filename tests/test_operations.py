@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import create_engine, select
 
 from app.db.models import Upload
+from tests.conftest import SQLITE_ONLY
 from tests.support.intake import ROOT, IntakeProcess, IntakeStartError, wait_until
 from tests.support.orthanc import OrthancProcess, free_port
 from tests.support.studies import make_study
@@ -61,7 +62,7 @@ def test_sighup_without_tls_leaves_the_service_running(intake: IntakeProcess) ->
         assert client.get("/system").status_code == 401  # still answering
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@SQLITE_ONLY
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 def test_the_event_loop_is_uvloop_unless_asked_otherwise(
     make_intake: Callable[..., IntakeProcess], private_orthanc: OrthancProcess, loop: str

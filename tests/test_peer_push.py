@@ -40,13 +40,14 @@ def _push_and_check(
 
 @pytest.mark.parametrize("compress", [False, True], ids=["plain", "gzip"])
 def test_peer_push_with_basic_auth(
-    intake: IntakeProcess,
-    site: Site,
+    shared_intake: IntakeProcess,
+    fresh_site: Site,
     private_orthanc: OrthancProcess,
     tmp_path: Path,
     compress: bool,
 ) -> None:
     """A multi-series study arrives byte-identical after the (zeroed) preamble."""
+    intake, site = shared_intake, fresh_site
     files = make_study(n_series=3, per_series=3)
     files[0] = HARMLESS_PREAMBLE + files[0][128:]
     site_orthanc = _site_orthanc(tmp_path, site.peer)
@@ -59,9 +60,10 @@ def test_peer_push_with_basic_auth(
 
 
 def test_peer_push_with_bearer_header_and_large_instances(
-    intake: IntakeProcess, site: Site, private_orthanc: OrthancProcess, tmp_path: Path
+    fresh_site: Site, private_orthanc: OrthancProcess, tmp_path: Path
 ) -> None:
     """HttpHeaders Bearer auth; 2 MiB instances make the peer send Expect: 100-continue."""
+    site = fresh_site
     files = make_study(n_series=1, per_series=3, rows=1024, cols=1024)
     assert all(len(f) > 1024 * 1024 for f in files)
     site_orthanc = _site_orthanc(tmp_path, site.peer_bearer)
@@ -73,9 +75,10 @@ def test_peer_push_with_bearer_header_and_large_instances(
 
 
 def test_peer_test_button_works_without_revealing_orthanc(
-    intake: IntakeProcess, site: Site, private_orthanc: OrthancProcess, tmp_path: Path
+    fresh_site: Site, private_orthanc: OrthancProcess, tmp_path: Path
 ) -> None:
     """GET /peers/intake/system on the site relays our minimal /system answer."""
+    site = fresh_site
     site_orthanc = _site_orthanc(tmp_path, site.peer)
     try:
         with site_orthanc.client() as client:

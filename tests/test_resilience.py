@@ -7,7 +7,7 @@ from collections.abc import Callable
 from sqlalchemy import create_engine, select
 
 from app.db.models import State, Upload
-from tests.support.intake import IntakeProcess, children, is_alive, wait_until
+from tests.support.intake import IntakeProcess, Site, children, is_alive, wait_until
 from tests.support.orthanc import OrthancProcess
 from tests.support.studies import make_study
 
@@ -71,9 +71,9 @@ def test_restart_cleans_orphans_and_flags_lost_files(
 
 
 def test_same_instance_twice_is_already_stored_and_forwarded_once(
-    intake: IntakeProcess, private_orthanc: OrthancProcess
+    shared_intake: IntakeProcess, fresh_site: Site, private_orthanc: OrthancProcess
 ) -> None:
-    site = intake.add_site("hospital-d")
+    intake, site = shared_intake, fresh_site
     data = make_study(n_series=1, per_series=1)[0]
     first = intake.upload(site, data).json()
     second = intake.upload(site, data).json()
@@ -85,10 +85,10 @@ def test_same_instance_twice_is_already_stored_and_forwarded_once(
 
 
 def test_same_uid_with_different_bytes_is_a_conflict_kept_for_an_admin(
-    intake: IntakeProcess, private_orthanc: OrthancProcess
+    shared_intake: IntakeProcess, fresh_site: Site, private_orthanc: OrthancProcess
 ) -> None:
     """Orthanc would silently keep the first copy; the intake keeps the second and says so."""
-    site = intake.add_site("hospital-c")
+    intake, site = shared_intake, fresh_site
     original = make_study(n_series=1, per_series=1, seed=1)[0]
     # Same header (same UIDs), other pixel bytes: flip the last byte of Pixel Data.
     altered = original[:-1] + bytes([original[-1] ^ 0xFF])
