@@ -52,6 +52,7 @@ def test_a_wrong_orthanc_password_holds_uploads_instead_of_quarantining_them(
     assert "not-the-password" not in intake.log_text()
 
 
+@SQLITE_ONLY  # a signal handler of the listeners
 def test_sighup_without_tls_leaves_the_service_running(intake: IntakeProcess) -> None:
     pid = intake.pid
     assert pid is not None

@@ -23,6 +23,7 @@ from sqlalchemy import Engine, create_engine, select
 from sqlalchemy.orm import Session
 
 from app.db.models import State, Upload
+from tests.conftest import SQLITE_ONLY
 from tests.support.intake import IntakeProcess, Site, wait_until
 from tests.support.orthanc import OrthancProcess
 
@@ -225,6 +226,7 @@ def stored_form(sent: bytes) -> bytes:
     return sent
 
 
+@SQLITE_ONLY  # parsing and answers; the forwarding it checks is tested on both elsewhere
 def test_intake_accepts_what_orthanc_accepts(
     reference_orthanc: OrthancProcess,
     intake: IntakeProcess,

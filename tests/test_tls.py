@@ -3,29 +3,35 @@
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 
+from tests.conftest import ModuleIntakes
 from tests.support.certs import make_server_cert
 from tests.support.intake import IntakeProcess, wait_until
 from tests.support.orthanc import OrthancProcess
 from tests.support.studies import make_study
 
+# The listener's TLS: the database plays no part, so one intake on SQLite serves the module.
+pytestmark = pytest.mark.parametrize("module_intakes", ["sqlite"], indirect=True)
 
-def _tls_intake(
-    make_intake: Callable[..., IntakeProcess], orthanc: OrthancProcess, tmp_path: Path
+
+@pytest.fixture(scope="module")
+def tls_intake(
+    module_intakes: ModuleIntakes, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[IntakeProcess, Path]:
-    cert = make_server_cert(tmp_path / "certs")
-    intake = make_intake(orthanc, tls_certfile=str(cert.cert_file), tls_keyfile=str(cert.key_file))
+    """The module's intake on HTTPS, and the CA that signed its certificate."""
+    cert = make_server_cert(tmp_path_factory.mktemp("tls") / "certs")
+    intake = module_intakes(tls_certfile=str(cert.cert_file), tls_keyfile=str(cert.key_file))
     return intake, cert.ca_file
 
 
 def test_upload_over_https(
-    make_intake: Callable[..., IntakeProcess], private_orthanc: OrthancProcess, tmp_path: Path
+    tls_intake: tuple[IntakeProcess, Path],
 ) -> None:
-    intake, ca_file = _tls_intake(make_intake, private_orthanc, tmp_path)
+    intake, ca_file = tls_intake
     site = intake.add_site("tls-site")
     assert intake.url.startswith("https://")
     verify = ssl.create_default_context(cafile=str(ca_file))
@@ -40,9 +46,9 @@ def test_upload_over_https(
 
 
 def test_plain_http_is_not_served_on_the_tls_port(
-    make_intake: Callable[..., IntakeProcess], private_orthanc: OrthancProcess, tmp_path: Path
+    tls_intake: tuple[IntakeProcess, Path],
 ) -> None:
-    intake, _ = _tls_intake(make_intake, private_orthanc, tmp_path)
+    intake, _ = tls_intake
     plain = intake.url.replace("https://", "http://")
     try:
         response = httpx.get(f"{plain}/system", timeout=5)
@@ -52,10 +58,10 @@ def test_plain_http_is_not_served_on_the_tls_port(
 
 
 def test_orthanc_peer_push_over_https_with_its_ca_configured(
-    make_intake: Callable[..., IntakeProcess], private_orthanc: OrthancProcess, tmp_path: Path
+    tls_intake: tuple[IntakeProcess, Path], private_orthanc: OrthancProcess, tmp_path: Path
 ) -> None:
     """Orthanc 1.10.1 needs "HttpsCACertificates" pointing at the CA (the documented trap)."""
-    intake, ca_file = _tls_intake(make_intake, private_orthanc, tmp_path)
+    intake, ca_file = tls_intake
     site = intake.add_site("tls-peer")
     sender = OrthancProcess(
         tmp_path / "site-orthanc",
