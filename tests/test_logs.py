@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ import pytest
 from app import logs
 from app.admin import intake_log
 from app.db.models import State
+from tests.conftest import ModuleIntakes
 from tests.support.intake import IntakeProcess, wait_until
 from tests.support.leaks import Registry, python_warnings
 from tests.support.orthanc import OrthancProcess
@@ -108,27 +109,40 @@ def test_only_plain_short_request_ids_are_kept(offered: str | None, kept: bool) 
     assert 1 <= len(chosen) <= 64
 
 
-def _events(intake: IntakeProcess) -> list[dict[str, Any]]:
+def _events(intake: IntakeProcess, site: str | None = None) -> list[dict[str, Any]]:
+    """Every log line as a JSON event (each must be one); with ``site``, only that site's
+    upload events (the module's tests share one JSON-logging intake)."""
     lines = [line for line in intake.log_text().splitlines() if line.strip()]
-    return [json.loads(line) for line in lines]  # every line must be JSON
+    events = [json.loads(line) for line in lines]
+    return [e for e in events if site is None or e.get("site") == site]
+
+
+@pytest.fixture(scope="module")
+def json_intake(module_intakes: ModuleIntakes) -> IntakeProcess:
+    return module_intakes(log_format="json")
 
 
 def test_an_upload_is_one_json_event_and_its_forward_carries_the_request_id(
-    make_intake: Callable[..., IntakeProcess], private_orthanc: OrthancProcess
+    json_intake: IntakeProcess, private_orthanc: OrthancProcess
 ) -> None:
-    intake = make_intake(private_orthanc, log_format="json")
-    site = intake.add_site("logged")
+    intake = json_intake
+    site = intake.add_site(f"logged-{uuid.uuid4().hex[:12]}")
     data = make_study(n_series=1, per_series=1)[0]
     response = intake.upload(site, data, headers={"X-Request-ID": "trace-42"})
     assert response.status_code == 200
     assert response.headers["x-request-id"] == "trace-42"
     answer = response.json()
     forwarded = wait_until(
-        lambda: [e for e in _events(intake) if e.get("event") == "forwarded"], timeout=60
+        lambda: [
+            e
+            for e in _events(intake)
+            if e.get("event") == "forwarded" and e.get("receipt") == answer["IntakeReceipt"]
+        ],
+        timeout=60,
     )
-    (upload,) = [e for e in _events(intake) if e.get("event") == "upload"]
+    (upload,) = [e for e in _events(intake, site.name) if e.get("event") == "upload"]
     assert upload["request_id"] == "trace-42"
-    assert upload["site"] == "logged"
+    assert upload["site"] == site.name
     assert upload["outcome"] == "queued"
     assert upload["bytes"] == len(data)
     assert upload["latency_ms"] >= 0
@@ -144,15 +158,17 @@ def test_an_upload_is_one_json_event_and_its_forward_carries_the_request_id(
 
 
 def test_a_refusal_is_an_event_too_and_every_answer_has_an_id(
-    make_intake: Callable[..., IntakeProcess], private_orthanc: OrthancProcess
+    json_intake: IntakeProcess,
 ) -> None:
-    intake = make_intake(private_orthanc, log_format="json")
-    site = intake.add_site("refused")
+    intake = json_intake
+    site = intake.add_site(f"refused-{uuid.uuid4().hex[:12]}")
     response = intake.upload(site, b"not dicom", headers={"X-Request-ID": "has spaces"})
     assert response.status_code == 400
     generated = response.headers["x-request-id"]
     assert generated != "has spaces"
-    wait_until(lambda: any(e.get("event") == "upload" for e in _events(intake)), timeout=10)
-    (event,) = [e for e in _events(intake) if e.get("event") == "upload"]
+    wait_until(
+        lambda: any(e.get("event") == "upload" for e in _events(intake, site.name)), timeout=10
+    )
+    (event,) = [e for e in _events(intake, site.name) if e.get("event") == "upload"]
     assert (event["outcome"], event["reason"], event["status"]) == ("rejected", "not_dicom", 400)
     assert event["request_id"] == generated
