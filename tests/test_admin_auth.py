@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import httpx
 
+from tests.conftest import SQLITE_ONLY
 from tests.support.intake import Admin, IntakeProcess, wait_until
 from tests.support.orthanc import OrthancProcess
 from tests.support.shared import shared_intake_fixtures
@@ -57,6 +58,7 @@ def test_no_admin_route_answers_on_the_public_listener(intake: IntakeProcess, ad
         assert response.status_code in (401, 404, 405), path
 
 
+@SQLITE_ONLY  # the listener's address check, before any database work
 def test_admin_allow_list_refuses_other_addresses(
     make_intake: Callable[..., IntakeProcess], private_orthanc: OrthancProcess
 ) -> None:

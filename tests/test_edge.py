@@ -24,6 +24,7 @@ from pydicom.uid import generate_uid
 
 from app.access import admins, sites, tokens
 from app.errors import InvalidName
+from tests.conftest import SQLITE_ONLY
 from tests.dicom_samples import make_instance
 from tests.support.intake import Admin, IntakeProcess, Site
 
@@ -335,6 +336,7 @@ def test_the_admin_listener_answers_only_its_own_names(
     assert httpx.get(f"{shared_intake.admin_url}/metrics").status_code == 200
 
 
+@SQLITE_ONLY  # the listener's Host check
 def test_public_allowed_hosts_refuse_other_names_in_orthancs_shape(
     make_intake: Callable[..., IntakeProcess],
 ) -> None:
