@@ -29,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.access import tokens
 from app.dicom.summary import orthanc_ids
 from app.uploader import sender
+from tests.conftest import SQLITE_ONLY
 from tests.support.certs import make_server_cert
 from tests.support.intake import ROOT, IntakeProcess, Site, wait_until
 from tests.support.orthanc import OrthancProcess, free_port
@@ -228,6 +229,7 @@ def test_sending_a_folder_again_reports_duplicates_and_exits_0(
     assert again.stderr == ""
 
 
+@SQLITE_ONLY  # what the command says and does: the intake's database plays no part
 def test_a_wrong_token_stops_the_run_after_one_request_with_exit_3(
     make_intake: Callable[..., IntakeProcess], private_orthanc: OrthancProcess, tmp_path: Path
 ) -> None:
@@ -484,6 +486,7 @@ def test_an_intake_that_cannot_be_reached_is_said_in_one_sentence(
     assert (done.stdout, done.stderr) == ("", expected.format(port=port))
 
 
+@SQLITE_ONLY  # what the command says and does: the intake's database plays no part
 def test_tls_trouble_at_an_https_intake_names_the_fix(
     make_intake: Callable[..., IntakeProcess], private_orthanc: OrthancProcess, tmp_path: Path
 ) -> None:
@@ -552,6 +555,7 @@ def test_a_file_refused_part_way_counts_no_bytes_and_says_how_far_it_got(
     )
 
 
+@SQLITE_ONLY  # what the command says and does: the intake's database plays no part
 def test_accepted_while_the_archive_is_down_is_said_to_be_queued(
     make_intake: Callable[..., IntakeProcess], own_orthanc: OrthancProcess, tmp_path: Path
 ) -> None:
