@@ -414,35 +414,49 @@ def test_discard_of_a_row_being_forwarded_is_409(world: World) -> None:
 
 @dataclass
 class Collision:
+    site: str
     first_id: int
     first_sha256: str
     second_id: int
+    second_receipt: str
     stored: bytes  # the second upload as the intake keeps it
 
 
 @pytest.fixture
-def collision(
-    intake: IntakeProcess, site: SiteCredentials, admin: Admin, database_url: str
-) -> Collision:
-    """The same SOP instance uploaded twice with different pixels (and a text preamble)."""
+def collision(shared_intake: IntakeProcess, fresh_site: SiteCredentials) -> Collision:
+    """The same SOP instance uploaded twice with different pixels (and a text preamble), by
+    a site of this test's own on the module's shared intake."""
     first = make_study(1, 1)[0]
     second = b"not an executable, just notes".ljust(128, b" ") + first[128:-2] + b"\x5a\xa5"
-    assert intake.upload(site, first).json()["IntakeState"] == "queued"
-    answer = intake.upload(site, second).json()
+    queued = shared_intake.upload(fresh_site, first).json()
+    assert queued["IntakeState"] == "queued"
+    answer = shared_intake.upload(fresh_site, second).json()
     assert answer["IntakeState"] == "quarantined"
     stored = bytes(128) + second[128:]
-    with _database(database_url) as sessions, sessions() as session:
-        ids = dict(session.execute(select(Upload.sha256, Upload.id)).all())
+    receipts = {queued["IntakeReceipt"], answer["IntakeReceipt"]}
+    with _database(shared_intake.database_url) as sessions, sessions() as session:
+        # This site's two uploads, found by their receipts: the database is the module's.
+        rows = session.execute(
+            select(Upload.sha256, Upload.id)
+            .join(Site, Upload.site_id == Site.id)
+            .where(Site.name == fresh_site.name, Upload.receipt.in_(receipts))
+        ).all()
+    ids = dict(rows)
+    assert len(rows) == len(ids) == 2
     first_sha = hashlib.sha256(first).hexdigest()
-    return Collision(ids[first_sha], first_sha, ids[hashlib.sha256(stored).hexdigest()], stored)
+    second_id = ids[hashlib.sha256(stored).hexdigest()]
+    return Collision(
+        fresh_site.name, ids[first_sha], first_sha, second_id, answer["IntakeReceipt"], stored
+    )
 
 
 def test_conflict_is_listed_with_the_upload_it_collides_with(
-    intake: IntakeProcess, admin: Admin, collision: Collision
+    shared_intake: IntakeProcess, fresh_admin: Admin, collision: Collision
 ) -> None:
-    with intake.admin_client(admin) as client:
-        items = client.get("/api/conflicts").json()["items"]
+    with shared_intake.admin_client(fresh_admin) as client:
+        items = client.get("/api/conflicts", params={"site": collision.site}).json()["items"]
     assert [i["upload"]["id"] for i in items] == [collision.second_id]
+    assert items[0]["upload"]["site"] == collision.site
     other = items[0]["conflicts_with"]
     assert other["id"] == collision.first_id
     assert other["sha256"] == collision.first_sha256
@@ -451,9 +465,9 @@ def test_conflict_is_listed_with_the_upload_it_collides_with(
 
 
 def test_conflict_file_is_the_uploaded_bytes_with_a_zeroed_preamble(
-    intake: IntakeProcess, admin: Admin, collision: Collision
+    shared_intake: IntakeProcess, fresh_admin: Admin, collision: Collision
 ) -> None:
-    with intake.admin_client(admin) as client:
+    with shared_intake.admin_client(fresh_admin) as client:
         response = client.get(f"/api/uploads/{collision.second_id}/file")
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/dicom"
@@ -461,9 +475,9 @@ def test_conflict_file_is_the_uploaded_bytes_with_a_zeroed_preamble(
 
 
 def test_retry_of_a_conflict_is_409(
-    intake: IntakeProcess, admin: Admin, collision: Collision
+    shared_intake: IntakeProcess, fresh_admin: Admin, collision: Collision
 ) -> None:
-    with intake.admin_client(admin) as client:
+    with shared_intake.admin_client(fresh_admin) as client:
         response = client.post(f"/api/uploads/{collision.second_id}/retry")
     assert response.status_code == 409
     assert response.json()["error"] == "conflict_not_retryable"
@@ -472,14 +486,20 @@ def test_retry_of_a_conflict_is_409(
 
 
 def test_discard_resolves_a_conflict(
-    intake: IntakeProcess, admin: Admin, collision: Collision
+    shared_intake: IntakeProcess, fresh_admin: Admin, collision: Collision
 ) -> None:
     """Discarding keeps Orthanc's copy: the conflict leaves the list and its file goes."""
-    with intake.admin_client(admin) as client:
+    quarantine = shared_intake.spool / "quarantine"
+    kept = quarantine / f"{collision.second_receipt}.dcm"
+    before = set(quarantine.iterdir())  # other tests' conflicts stay: the intake is shared
+    assert kept in before
+    with shared_intake.admin_client(fresh_admin) as client:
         discarded = client.post(
             f"/api/uploads/{collision.second_id}/discard", json={"reason": "keep Orthanc's copy"}
         )
         assert discarded.status_code == 200
-        assert client.get("/api/conflicts").json()["items"] == []
+        listed = client.get("/api/conflicts", params={"site": collision.site})
+        assert listed.json()["items"] == []
         assert client.get(f"/api/uploads/{collision.second_id}/file").status_code == 409
-    assert list((intake.spool / "quarantine").iterdir()) == []
+    # Its file is gone, and no other.
+    assert set(quarantine.iterdir()) == before - {kept}
