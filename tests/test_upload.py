@@ -11,9 +11,10 @@ from tests.support.studies import make_study
 
 
 def test_upload_answers_like_orthanc_and_arrives(
-    intake: IntakeProcess, site: Site, private_orthanc: OrthancProcess
+    shared_intake: IntakeProcess, fresh_site: Site, private_orthanc: OrthancProcess
 ) -> None:
     """A raw upload gets Orthanc's answer shape, and the file reaches the private Orthanc."""
+    intake, site = shared_intake, fresh_site
     data = make_study(n_series=1, per_series=1)[0]
     response = intake.upload(
         site, data, headers={"Content-Type": "application/x-www-form-urlencoded"}
@@ -43,8 +44,11 @@ def _raw_request(port: int, head: str, body: bytes | None) -> tuple[bytes, bytes
         return interim, final
 
 
-def test_expect_100_continue_is_answered_before_the_body(intake: IntakeProcess, site: Site) -> None:
+def test_expect_100_continue_is_answered_before_the_body(
+    shared_intake: IntakeProcess, fresh_site: Site
+) -> None:
     """An Orthanc peer with HttpHeaders waits for 100 Continue on bodies over 1 MiB."""
+    intake, site = shared_intake, fresh_site
     data = make_study(n_series=1, per_series=1, rows=1024, cols=1024)[0]
     token = base64.b64encode(f"{site.name}:{site.token}".encode()).decode()
     head = (
@@ -58,8 +62,9 @@ def test_expect_100_continue_is_answered_before_the_body(intake: IntakeProcess, 
 
 
 def test_expect_100_continue_with_bad_credentials_gets_401_without_the_body(
-    intake: IntakeProcess,
+    shared_intake: IntakeProcess,
 ) -> None:
+    intake = shared_intake
     head = (
         "POST /instances HTTP/1.1\r\nHost: intake\r\nExpect: 100-continue\r\n"
         "Authorization: Bearer nope\r\nContent-Length: 5000000\r\n\r\n"
