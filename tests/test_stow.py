@@ -27,9 +27,16 @@ def _client(intake: IntakeProcess, site: Site) -> DICOMwebClient:
     return DICOMwebClient(url=f"{intake.url}/dicom-web", session=session)
 
 
+# A protocol test's answer does not depend on the backend: it runs on SQLite alone, on the
+# SQLite intake the pipeline test shares (an indirect parametrization of the module-scoped
+# fixture: the same parameter, so the same cached intake).
+ON_SQLITE = pytest.mark.parametrize("module_intakes", ["sqlite"], indirect=True)
+
+
 def test_dicomweb_client_stores_a_study(
-    intake: IntakeProcess, site: Site, private_orthanc: OrthancProcess
+    shared_intake: IntakeProcess, fresh_site: Site, private_orthanc: OrthancProcess
 ) -> None:
+    intake, site = shared_intake, fresh_site
     datasets = _datasets(make_study(n_series=1, per_series=3))
     answer = _client(intake, site).store_instances(datasets)
     referenced = answer.ReferencedSOPSequence
@@ -53,13 +60,14 @@ def test_dicomweb_client_stores_a_study(
         wait_until(stored, timeout=60)
 
 
+@ON_SQLITE
 def test_an_instance_of_another_study_is_refused_alone(
-    module_intake: IntakeProcess, module_site: Site
+    shared_intake: IntakeProcess, fresh_site: Site
 ) -> None:
     """POST /studies/{uid}: the stranger fails with 0xC409, the rest is stored (202)."""
     ours = _datasets(make_study(n_series=1, per_series=2))
     stranger = _datasets(make_study(n_series=1, per_series=1))
-    client = _client(module_intake, module_site)
+    client = _client(shared_intake, fresh_site)
     answer = client.store_instances(
         [ours[0], stranger[0], ours[1]], study_instance_uid=ours[0].StudyInstanceUID
     )
@@ -91,11 +99,12 @@ def _post(
 RELATED = 'multipart/related; type="application/dicom"; boundary=stow-boundary'
 
 
+@ON_SQLITE
 def test_nothing_stored_is_a_409_with_reasons(
-    module_intake: IntakeProcess, module_site: Site
+    shared_intake: IntakeProcess, fresh_site: Site
 ) -> None:
     body = _related([("application/dicom", b"not dicom"), ("application/dicom+json", b"{}")])
-    response = _post(module_intake, module_site, body, RELATED)
+    response = _post(shared_intake, fresh_site, body, RELATED)
     assert response.status_code == 409
     assert response.headers["content-type"] == stow.MEDIA_TYPE
     failed = response.json()["00081198"]["Value"]
@@ -105,20 +114,22 @@ def test_nothing_stored_is_a_409_with_reasons(
     ]
 
 
+@ON_SQLITE
 def test_a_conflicting_resend_is_reported_as_a_duplicate_sop_instance(
-    module_intake: IntakeProcess, module_site: Site
+    shared_intake: IntakeProcess, fresh_site: Site
 ) -> None:
     """Same SOP Instance UID, other bytes: kept for an admin, reported failed (0x0111)."""
     (data,) = make_study(1, 1)
-    first = _post(module_intake, module_site, _related([("application/dicom", data)]), RELATED)
+    first = _post(shared_intake, fresh_site, _related([("application/dicom", data)]), RELATED)
     changed = data[:-2] + bytes([data[-2] ^ 1, data[-1]])
-    again = _post(module_intake, module_site, _related([("application/dicom", changed)]), RELATED)
+    again = _post(shared_intake, fresh_site, _related([("application/dicom", changed)]), RELATED)
     assert first.status_code == 200
     assert again.status_code == 409
     (failed,) = again.json()["00081198"]["Value"]
     assert failed["00081197"]["Value"] == [stow.DUPLICATE_SOP_INSTANCE]
 
 
+@ON_SQLITE
 @pytest.mark.parametrize(
     ("content_type", "accept", "status"),
     [
@@ -129,21 +140,22 @@ def test_a_conflicting_resend_is_reported_as_a_duplicate_sop_instance(
     ids=["not-multipart", "metadata-bulkdata", "xml-answer"],
 )
 def test_requests_the_intake_cannot_serve_get_precise_errors(
-    module_intake: IntakeProcess,
-    module_site: Site,
+    shared_intake: IntakeProcess,
+    fresh_site: Site,
     content_type: str,
     accept: str | None,
     status: int,
 ) -> None:
     headers = {"Accept": accept} if accept else {}
     body = _related([("application/dicom", make_study(1, 1)[0])])
-    response = _post(module_intake, module_site, body, content_type, **headers)
+    response = _post(shared_intake, fresh_site, body, content_type, **headers)
     assert response.status_code == status
     assert response.json()["Details"]
 
 
-def test_stow_needs_a_site_token(module_intake: IntakeProcess) -> None:
-    with httpx.Client(base_url=module_intake.url) as client:
+@ON_SQLITE
+def test_stow_needs_a_site_token(shared_intake: IntakeProcess) -> None:
+    with httpx.Client(base_url=shared_intake.url) as client:
         response = client.post(
             "/dicom-web/studies", content=b"x", headers={"Content-Type": RELATED}
         )
