@@ -1,8 +1,13 @@
-"""The admin API manages sites exactly as the CLI does, through the same service layer."""
+"""The admin API manages sites exactly as the CLI does, through the same service layer.
+
+Every test runs on the module's shared intake (one per backend) with a site and an admin
+of its own, so what it reads back from a listing is scoped to its own site.
+"""
 
 from __future__ import annotations
 
 import io
+import uuid
 
 import httpx
 import pydicom
@@ -11,13 +16,18 @@ from tests.support.intake import Admin, IntakeProcess, Site, wait_until
 from tests.support.studies import make_study
 
 
-def test_create_rotate_revoke_over_the_api(intake: IntakeProcess, admin: Admin) -> None:
+def test_create_rotate_revoke_over_the_api(
+    shared_intake: IntakeProcess, fresh_admin: Admin
+) -> None:
     """A site made through the API uploads; rotation overlaps; revocation ends a token."""
-    with intake.admin_client(admin) as api:
-        created = api.post("/api/sites", json={"name": "api-site", "label": "first"})
+    intake = shared_intake
+    name = f"api-site-{uuid.uuid4().hex[:12]}"
+    with intake.admin_client(fresh_admin) as api:
+        created = api.post("/api/sites", json={"name": name, "label": "first"})
         assert created.status_code == 201, created.text
         first = created.json()
-        assert first["orthanc_peer"]["Username"] == "api-site"
+        assert first["site"] == name
+        assert first["orthanc_peer"]["Username"] == name
         # The same entries as `sites add` prints: a Timeout for large instances, a DICOMweb
         # server, and the warning that a 127.0.0.1 URL is of no use to a remote site.
         assert first["orthanc_peer"]["Timeout"] == first["dicomweb_server"]["Timeout"] == 300
@@ -27,30 +37,32 @@ def test_create_rotate_revoke_over_the_api(intake: IntakeProcess, admin: Admin) 
             "Timeout": 300,
         }
         assert any("INTAKE_PUBLIC_URL is unset" in w for w in first["warnings"])
-        site = Site("api-site", first["token"], first["orthanc_peer"], first["orthanc_peer_bearer"])
+        site = Site(name, first["token"], first["orthanc_peer"], first["orthanc_peer_bearer"])
         assert intake.upload(site, make_study(1, 1)[0]).status_code == 200
 
-        rotated = api.post("/api/sites/api-site/rotate", json={"grace_days": 1}).json()
-        new = Site(
-            "api-site", rotated["token"], rotated["orthanc_peer"], rotated["orthanc_peer_bearer"]
-        )
+        rotated = api.post(f"/api/sites/{name}/rotate", json={"grace_days": 1}).json()
+        new = Site(name, rotated["token"], rotated["orthanc_peer"], rotated["orthanc_peer_bearer"])
         assert intake.upload(new, make_study(1, 1)[0]).status_code == 200
         assert intake.upload(site, make_study(1, 1)[0]).status_code == 200
 
-        shown = api.get("/api/sites/api-site").json()
+        shown = api.get(f"/api/sites/{name}").json()
+        assert shown["name"] == name
         assert shown["status"] == "active"
         assert len(shown["tokens"]) == 2
         assert first["token"] not in str(shown)
         old_prefix = shown["tokens"][0]["prefix"]
-        revoked = api.post("/api/sites/api-site/revoke", json={"token_prefix": old_prefix})
+        revoked = api.post(f"/api/sites/{name}/revoke", json={"token_prefix": old_prefix})
         assert revoked.json() == {"revoked": 1}
     # This intake process forgets its cache at once on an admin change.
     assert intake.upload(site, make_study(1, 1)[0]).status_code == 401
     assert intake.upload(new, make_study(1, 1)[0]).status_code == 200
 
 
-def test_policy_disable_delete_and_errors(intake: IntakeProcess, admin: Admin, site: Site) -> None:
-    with intake.admin_client(admin) as api:
+def test_policy_disable_delete_and_errors(
+    shared_intake: IntakeProcess, fresh_admin: Admin, fresh_site: Site
+) -> None:
+    intake, site = shared_intake, fresh_site
+    with intake.admin_client(fresh_admin) as api:
         policy = api.patch(
             f"/api/sites/{site.name}/policy",
             json={"allowed_modalities": ["mr"], "instances_per_minute": 50},
@@ -62,7 +74,8 @@ def test_policy_disable_delete_and_errors(intake: IntakeProcess, admin: Admin, s
         assert "CT" in refused.json()["Details"]
         # Refused after validation: the log keeps the file's UIDs with the reason.
         study_uid = str(pydicom.dcmread(io.BytesIO(ct)).StudyInstanceUID)
-        logged = api.get("/api/uploads", params={"study_uid": study_uid}).json()["items"]
+        mine = {"study_uid": study_uid, "site": site.name}
+        logged = api.get("/api/uploads", params=mine).json()["items"]
         assert [(u["state"], u["reason"]) for u in logged] == [("rejected", "content_not_allowed")]
         cleared = api.patch(
             f"/api/sites/{site.name}/policy", json={"allowed_modalities": None}
@@ -75,7 +88,7 @@ def test_policy_disable_delete_and_errors(intake: IntakeProcess, admin: Admin, s
         assert api.post(f"/api/sites/{site.name}/enable").json()["status"] == "active"
         assert intake.upload(site, make_study(1, 1)[0]).status_code == 200
 
-        missing = api.get("/api/sites/nope")
+        missing = api.get(f"/api/sites/nope-{uuid.uuid4().hex[:12]}")
         assert missing.status_code == 404
         assert missing.json()["error"] == "not_found"
         dup = api.post("/api/sites", json={"name": site.name})
@@ -87,17 +100,24 @@ def test_policy_disable_delete_and_errors(intake: IntakeProcess, admin: Admin, s
         assert invalid.status_code == 422
         assert invalid.json()["error"] == "invalid_request"
 
+        # The module's other sites share the listing: only this site's entries count.
+        def listed(**params: str) -> list[tuple[str, str]]:
+            found = api.get("/api/sites", params=params).json()
+            return [(s["name"], s["status"]) for s in found if s["name"] == site.name]
+
+        assert listed() == listed(include_deleted="true") == [(site.name, "active")]
         deleted = api.delete(f"/api/sites/{site.name}").json()
         assert deleted["status"] == "deleted"
-        assert [s["name"] for s in api.get("/api/sites").json()] == []
-        assert [s["name"] for s in api.get("/api/sites?include_deleted=true").json()] == [site.name]
+        assert listed() == []
+        assert listed(include_deleted="true") == [(site.name, "deleted")]
     assert intake.upload(site, make_study(1, 1)[0]).status_code == 401
 
 
 def test_cli_changes_reach_a_running_intake_within_the_cache_time(
-    intake: IntakeProcess, site: Site
+    shared_intake: IntakeProcess, fresh_site: Site
 ) -> None:
     """A revocation made by another process (the CLI) applies within AUTH_CACHE_SECONDS."""
+    intake, site = shared_intake, fresh_site
     assert intake.upload(site, make_study(1, 1)[0]).status_code == 200
     assert intake.cli("sites", "revoke", site.name, "--all").returncode == 0
     wait_until(
