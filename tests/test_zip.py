@@ -8,20 +8,33 @@ from collections.abc import Callable
 import pytest
 from sqlalchemy import create_engine, select
 
+from app.db.models import Site as SiteRecord
 from app.db.models import Upload
+from tests.conftest import SQLITE_ONLY
 from tests.support.archives import empty_zip, make_zip, overlapping_zip, quoted_overlap_zip
 from tests.support.intake import IntakeProcess, Site, peak_rss, wait_until
 from tests.support.orthanc import OrthancProcess
 from tests.support.studies import make_study
 
 ORTHANC_FIELDS = ("ID", "ParentPatient", "ParentSeries", "ParentStudy", "Path", "Status")
+# A protocol test's answer does not depend on the backend: it runs on SQLite alone, on the
+# SQLite intake the pipeline test shares (an indirect parametrization of the module-scoped
+# fixture: the same parameter, so the same cached intake).
+ON_SQLITE = pytest.mark.parametrize("module_intakes", ["sqlite"], indirect=True)
 
 
-def _rows(intake: IntakeProcess, receipts: list[str] | None = None) -> list[Upload]:
+def _rows(
+    intake: IntakeProcess, site: Site | None = None, receipts: list[str] | None = None
+) -> list[Upload]:
+    """The upload records, oldest first: a site's (the intake is shared), or by receipt."""
     engine = create_engine(intake.database_url)
     try:
         with engine.connect() as conn:
-            query = select(Upload)
+            query = select(Upload).order_by(Upload.id)
+            if site is not None:
+                query = query.join(SiteRecord, Upload.site_id == SiteRecord.id).where(
+                    SiteRecord.name == site.name
+                )
             if receipts is not None:
                 query = query.where(Upload.receipt.in_(receipts))
             return list(conn.execute(query).all())  # type: ignore[arg-type]
@@ -30,9 +43,16 @@ def _rows(intake: IntakeProcess, receipts: list[str] | None = None) -> list[Uplo
 
 
 def test_a_zip_is_answered_like_orthanc_and_every_entry_arrives(
-    intake: IntakeProcess, site: Site, private_orthanc: OrthancProcess, own_orthanc: OrthancProcess
+    shared_intake: IntakeProcess,
+    fresh_site: Site,
+    private_orthanc: OrthancProcess,
+    own_orthanc: OrthancProcess,
 ) -> None:
-    """Same archive to the real Orthanc and to the intake: same array, in archive order."""
+    """Same archive to the real Orthanc and to the intake: same array, in archive order.
+    The reference answer comes from an Orthanc of its own (``own_orthanc``): sent to the
+    private Orthanc, the study would be there before the intake forwarded it, and the
+    arrival check below would hold without the intake."""
+    intake, site = shared_intake, fresh_site
     files = make_study(n_series=2, per_series=2)
     data = make_zip(
         [
@@ -58,15 +78,16 @@ def test_a_zip_is_answered_like_orthanc_and_every_entry_arrives(
     ]
     ids = [a["ID"] for a in answer]
     wait_until(lambda: set(ids) <= set(private_orthanc.instances()), timeout=60)
-    skipped = [r for r in _rows(intake) if r.detail and r.detail.startswith("skipped:")]
+    skipped = [r for r in _rows(intake, site) if r.detail and r.detail.startswith("skipped:")]
     assert [r.reason for r in skipped] == ["not_dicom"]
 
 
+@ON_SQLITE
 def test_dicomdir_and_non_dicom_entries_are_skipped_and_recorded(
-    module_intake: IntakeProcess, module_site: Site
+    shared_intake: IntakeProcess, fresh_site: Site
 ) -> None:
     """Left out of the answer, as Orthanc does, but on record as refusals."""
-    before = len(_rows(module_intake))
+    intake, site = shared_intake, fresh_site
     data = make_zip(
         [
             ("DICOMDIR", bytes(128) + b"DICM" + bytes(16)),
@@ -74,32 +95,36 @@ def test_dicomdir_and_non_dicom_entries_are_skipped_and_recorded(
             ("a.dcm", make_study(1, 1)[0]),
         ]
     )
-    response = module_intake.upload(module_site, data)
+    response = intake.upload(site, data)
     assert response.status_code == 200
     assert [a["IntakeEntry"] for a in response.json()] == ["a.dcm"]
-    rows = _rows(module_intake)[before:]
+    rows = _rows(intake, site)
     assert sorted((r.state, r.reason) for r in rows if r.state == "rejected") == [
         ("rejected", "dicomdir"),
         ("rejected", "not_dicom"),
     ]
 
 
+@ON_SQLITE
 def test_an_empty_archive_answers_an_empty_array(
-    module_intake: IntakeProcess, module_site: Site
+    shared_intake: IntakeProcess, fresh_site: Site
 ) -> None:
+    intake, site = shared_intake, fresh_site
     # Orthanc 1.10.1 answers 400 "Cannot open ZIP archive" here; [] is Orthanc's documented
     # answer for an archive without DICOM, and what clients expect.
-    response = module_intake.upload(module_site, empty_zip())
+    response = intake.upload(site, empty_zip())
     assert response.status_code == 200
     assert response.json() == []
 
 
+@ON_SQLITE
 def test_a_bad_entry_fails_alone_with_its_reason(
-    module_intake: IntakeProcess, module_site: Site, private_orthanc: OrthancProcess
+    shared_intake: IntakeProcess, fresh_site: Site, private_orthanc: OrthancProcess
 ) -> None:
+    intake, site = shared_intake, fresh_site
     good, other = make_study(n_series=1, per_series=2)
     data = make_zip([("bad.dcm", other[:300]), ("good.dcm", good)])
-    response = module_intake.upload(module_site, data)
+    response = intake.upload(site, data)
     assert response.status_code == 200
     bad, ok = response.json()
     assert bad["Status"] == "Failure"
@@ -109,33 +134,38 @@ def test_a_bad_entry_fails_alone_with_its_reason(
     assert bad["Details"]
     assert ok["Status"] == "Success"
     wait_until(lambda: ok["ID"] in private_orthanc.instances(), timeout=60)
-    (row,) = _rows(module_intake, [bad["IntakeReceipt"]])
+    (row,) = _rows(intake, receipts=[bad["IntakeReceipt"]])
     assert row.state == "rejected"
 
 
+@ON_SQLITE
 def test_a_nested_archive_entry_is_refused_and_the_rest_taken(
-    module_intake: IntakeProcess, module_site: Site
+    shared_intake: IntakeProcess, fresh_site: Site
 ) -> None:
+    intake, site = shared_intake, fresh_site
     inner = make_zip([("x.dcm", make_study(1, 1)[0])])
     data = make_zip([("inner.zip", inner), ("ok.dcm", make_study(1, 1)[0])])
-    response = module_intake.upload(module_site, data)
+    response = intake.upload(site, data)
     assert response.status_code == 200
     nested, ok = response.json()
     assert nested["IntakeReason"] == "nested_archive"
     assert ok["Status"] == "Success"
 
 
+@ON_SQLITE
 def test_resending_an_archive_answers_already_stored(
-    module_intake: IntakeProcess, module_site: Site
+    shared_intake: IntakeProcess, fresh_site: Site
 ) -> None:
+    intake, site = shared_intake, fresh_site
     data = make_zip([(f"{i}.dcm", f) for i, f in enumerate(make_study(1, 3))])
-    first = module_intake.upload(module_site, data).json()
-    again = module_intake.upload(module_site, data).json()
+    first = intake.upload(site, data).json()
+    again = intake.upload(site, data).json()
     assert [a["Status"] for a in first] == ["Success"] * 3
     assert [a["Status"] for a in again] == ["AlreadyStored"] * 3
     assert [a["IntakeState"] for a in again] == ["duplicate"] * 3
 
 
+@ON_SQLITE
 @pytest.mark.parametrize(
     ("make", "status", "reason"),
     [
@@ -148,43 +178,44 @@ def test_resending_an_archive_answers_already_stored(
     ids=["ratio-bomb", "overlapping-entries", "truncated", "small-entries-bomb", "quoted-overlap"],
 )
 def test_hostile_archives_are_refused_whole_and_nothing_is_kept(
-    module_intake: IntakeProcess,
-    module_site: Site,
+    shared_intake: IntakeProcess,
+    fresh_site: Site,
     make: Callable[[], bytes],
     status: int,
     reason: str,
 ) -> None:
-    before = len(_rows(module_intake))
-    response = module_intake.upload(module_site, make())
+    intake, site = shared_intake, fresh_site
+    response = intake.upload(site, make())
     assert response.status_code == status, response.text
     assert reason in response.json()["Details"]
-    rows = _rows(module_intake)[before:]
+    rows = _rows(intake, site)
     assert [r.state for r in rows] == ["rejected"]
-    assert not list((module_intake.spool / "tmp").iterdir())
-    assert module_intake.returncode is None
+    assert not list((intake.spool / "tmp").iterdir())
+    assert intake.returncode is None
 
 
-def test_a_gzip_encoded_archive_is_unpacked(
-    module_intake: IntakeProcess, module_site: Site
-) -> None:
+@ON_SQLITE
+def test_a_gzip_encoded_archive_is_unpacked(shared_intake: IntakeProcess, fresh_site: Site) -> None:
+    intake, site = shared_intake, fresh_site
     data = make_zip([("a.dcm", make_study(1, 1)[0])])
-    response = module_intake.upload(
-        module_site, gzip.compress(data), headers={"Content-Encoding": "gzip"}
-    )
+    response = intake.upload(site, gzip.compress(data), headers={"Content-Encoding": "gzip"})
     assert response.status_code == 200
     assert [a["Status"] for a in response.json()] == ["Success"]
 
 
+@ON_SQLITE
 def test_an_archive_mislabelled_gzip_is_still_an_archive(
-    module_intake: IntakeProcess, module_site: Site
+    shared_intake: IntakeProcess, fresh_site: Site
 ) -> None:
     """Orthanc looks for ZIP magic before it gunzips; a ZIP sent with that header works."""
+    intake, site = shared_intake, fresh_site
     data = make_zip([("a.dcm", make_study(1, 1)[0])])
-    response = module_intake.upload(module_site, data, headers={"Content-Encoding": "gzip"})
+    response = intake.upload(site, data, headers={"Content-Encoding": "gzip"})
     assert response.status_code == 200
     assert [a["Status"] for a in response.json()] == ["Success"]
 
 
+@SQLITE_ONLY  # the cap is the parser's: one intake with the setting, on one backend
 def test_archive_entries_count_against_the_request_caps(
     make_intake: Callable[..., IntakeProcess], private_orthanc: OrthancProcess
 ) -> None:
@@ -196,35 +227,38 @@ def test_archive_entries_count_against_the_request_caps(
     assert response.json()["Details"] == "the archive holds 4 entries; the limit is 3"
 
 
+@ON_SQLITE
 def test_every_entry_counts_against_the_sites_rate(
-    module_intake: IntakeProcess, private_orthanc: OrthancProcess
+    shared_intake: IntakeProcess, fresh_site: Site
 ) -> None:
     """instances-per-minute counts instances, not requests: the third entry of four waits."""
-    site = module_intake.add_site("rated-zip")
-    done = module_intake.cli("sites", "policy", site.name, "--instances-per-minute", "2", "--json")
+    intake, site = shared_intake, fresh_site
+    done = intake.cli("sites", "policy", site.name, "--instances-per-minute", "2", "--json")
     assert done.returncode == 0, done.stderr
     data = make_zip([(f"{i}.dcm", f) for i, f in enumerate(make_study(1, 4))])
-    response = module_intake.upload(site, data)
+    response = intake.upload(site, data)
     assert response.status_code == 200
     answer = response.json()
     assert [a["Status"] for a in answer] == ["Success", "Success", "Failure", "Failure"]
     assert {a.get("IntakeReason") for a in answer[2:]} == {"rate_limited"}
     assert {a.get("HttpStatus") for a in answer[2:]} == {429}
     # With nothing taken, the whole request is refused the way a single upload would be.
-    again = module_intake.upload(site, make_zip([("x.dcm", make_study(1, 1)[0])]))
+    again = intake.upload(site, make_zip([("x.dcm", make_study(1, 1)[0])]))
     assert again.status_code == 429
     assert int(again.headers["retry-after"]) >= 1
 
 
+@ON_SQLITE
 def test_bombs_cost_the_intake_little_memory(
-    module_intake: IntakeProcess, module_site: Site
+    shared_intake: IntakeProcess, fresh_site: Site
 ) -> None:
     """A 256 MiB ratio bomb and a ZIP of 1000 entries: peak RSS grows by under 32 MiB."""
-    pid = module_intake.pid
+    intake, site = shared_intake, fresh_site
+    pid = intake.pid
     assert pid is not None
     before = peak_rss(pid)
     bomb = make_zip([("bomb.dcm", bytes(256 * 1024 * 1024))])
-    assert module_intake.upload(module_site, bomb).status_code == 413
+    assert intake.upload(site, bomb).status_code == 413
     many = make_zip([(f"{i}.txt", b"x") for i in range(1000)])
-    assert module_intake.upload(module_site, many).json() == []
+    assert intake.upload(site, many).json() == []
     assert peak_rss(pid) - before < 32 * 1024 * 1024
