@@ -5,12 +5,19 @@ from __future__ import annotations
 import gzip
 from collections.abc import Callable
 
+import pytest
+
+from tests.conftest import SQLITE_ONLY
 from tests.support.archives import make_zip
 from tests.support.intake import IntakeProcess, Site, peak_rss, wait_until
 from tests.support.orthanc import OrthancProcess
 from tests.support.studies import make_study
 
 BOUNDARY = "intake-test-boundary"
+# A protocol test's answer does not depend on the backend: it runs on SQLite alone, on the
+# SQLite intake the pipeline test shares (an indirect parametrization of the module-scoped
+# fixture: the same parameter, so the same cached intake).
+ON_SQLITE = pytest.mark.parametrize("module_intakes", ["sqlite"], indirect=True)
 
 
 def _form(parts: list[tuple[str, str | None, bytes]], *, close: bool = True) -> bytes:
@@ -44,9 +51,16 @@ def _post(
 
 
 def test_a_form_upload_is_answered_like_orthanc_and_every_file_arrives(
-    intake: IntakeProcess, site: Site, private_orthanc: OrthancProcess, own_orthanc: OrthancProcess
+    shared_intake: IntakeProcess,
+    fresh_site: Site,
+    private_orthanc: OrthancProcess,
+    own_orthanc: OrthancProcess,
 ) -> None:
-    """Orthanc answers a form upload 200 with an empty body; so does the intake."""
+    """Orthanc answers a form upload 200 with an empty body; so does the intake.
+    The reference Orthanc is one of its own (``own_orthanc``): its instances are the ones
+    expected, and sent to the private Orthanc they would be there before the intake
+    forwarded them."""
+    intake, site = shared_intake, fresh_site
     files = make_study(n_series=1, per_series=2)
     # (Orthanc 1.10.1 takes every part for a file; the intake ignores plain form fields.)
     body = _form([("f1", "a.dcm", files[0]), ("f2", "b.dcm", files[1])])
@@ -63,9 +77,11 @@ def test_a_form_upload_is_answered_like_orthanc_and_every_file_arrives(
     wait_until(lambda: expected <= set(private_orthanc.instances()), timeout=60)
 
 
+@ON_SQLITE
 def test_asking_for_json_gets_a_result_per_file(
-    module_intake: IntakeProcess, module_site: Site
+    shared_intake: IntakeProcess, fresh_site: Site
 ) -> None:
+    intake, site = shared_intake, fresh_site
     files = make_study(n_series=1, per_series=2)
     body = _form(
         [
@@ -74,8 +90,8 @@ def test_asking_for_json_gets_a_result_per_file(
             ("f2", "b.dcm", files[1][:400]),
         ]
     )
-    response = module_intake.upload(
-        module_site,
+    response = intake.upload(
+        site,
         body,
         headers={
             "Content-Type": f"multipart/form-data; boundary={BOUNDARY}",
@@ -89,63 +105,68 @@ def test_asking_for_json_gets_a_result_per_file(
     assert second["IntakeReason"] == "malformed"
 
 
+@ON_SQLITE
 def test_a_refused_file_makes_the_plain_answer_an_error_naming_it(
-    module_intake: IntakeProcess, module_site: Site
+    shared_intake: IntakeProcess, fresh_site: Site
 ) -> None:
     """Without JSON, a refusal cannot hide behind a 200: Orthanc's error shape, with counts."""
+    intake, site = shared_intake, fresh_site
     good = make_study(1, 1)[0]
     status, content, _ = _post(
-        module_intake, module_site, _form([("f1", "ok.dcm", good), ("f2", "bad.dcm", b"garbage")])
+        intake, site, _form([("f1", "ok.dcm", good), ("f2", "bad.dcm", b"garbage")])
     )
     assert status == 400
     assert b"1 of 2 files refused (1 accepted); first: bad.dcm" in content
     assert b'"OrthancError":"Bad file format"' in content
 
 
-def test_a_zip_in_a_form_is_unpacked(module_intake: IntakeProcess, module_site: Site) -> None:
+@ON_SQLITE
+def test_a_zip_in_a_form_is_unpacked(shared_intake: IntakeProcess, fresh_site: Site) -> None:
+    intake, site = shared_intake, fresh_site
     archive = make_zip([(f"{i}.dcm", f) for i, f in enumerate(make_study(1, 2))])
     status, content, _ = _post(
-        module_intake, module_site, _form([("f", "study.zip", archive)]), accept="application/json"
+        intake, site, _form([("f", "study.zip", archive)]), accept="application/json"
     )
     assert status == 200, content
     assert content.count(b'"Status":"Success"') == 2
 
 
+@ON_SQLITE
 def test_a_body_without_its_closing_boundary_stores_nothing(
-    module_intake: IntakeProcess, module_site: Site
+    shared_intake: IntakeProcess, fresh_site: Site
 ) -> None:
+    intake, site = shared_intake, fresh_site
     files = make_study(1, 2)
     body = _form([("f1", "a.dcm", files[0]), ("f2", "b.dcm", files[1])], close=False)
-    status, content, _ = _post(module_intake, module_site, body, accept="application/json")
+    status, content, _ = _post(intake, site, body, accept="application/json")
     assert status == 400
     assert b"closing boundary" in content
-    again = _post(
-        module_intake, module_site, _form([("f1", "a.dcm", files[0])]), "application/json"
-    )
+    again = _post(intake, site, _form([("f1", "a.dcm", files[0])]), "application/json")
     assert b'"Status":"Success"' in again[1]  # the first attempt kept nothing of a.dcm
-    assert not list((module_intake.spool / "tmp").iterdir())
+    assert not list((intake.spool / "tmp").iterdir())
 
 
+@ON_SQLITE
 def test_garbage_and_missing_boundaries_get_clear_errors(
-    module_intake: IntakeProcess, module_site: Site
+    shared_intake: IntakeProcess, fresh_site: Site
 ) -> None:
-    no_boundary = module_intake.upload(
-        module_site, b"x", headers={"Content-Type": "multipart/form-data"}
-    )
+    intake, site = shared_intake, fresh_site
+    no_boundary = intake.upload(site, b"x", headers={"Content-Type": "multipart/form-data"})
     assert no_boundary.status_code == 415
     assert "boundary" in no_boundary.json()["Details"]
     huge_header = (
         f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="f"; filename="a"\r\n'
         f"X-Padding: {'a' * 20000}\r\n\r\ndata\r\n--{BOUNDARY}--\r\n"
     ).encode()
-    status, content, _ = _post(module_intake, module_site, huge_header)
+    status, content, _ = _post(intake, site, huge_header)
     assert status == 400
     assert b"does not parse" in content
-    status, content, _ = _post(module_intake, module_site, _form([("field", None, b"x")]))
+    status, content, _ = _post(intake, site, _form([("field", None, b"x")]))
     assert status == 400
     assert b"no file part" in content
 
 
+@SQLITE_ONLY  # the cap is the parser's: one intake with the setting, on one backend
 def test_parts_are_capped(
     make_intake: Callable[..., IntakeProcess], private_orthanc: OrthancProcess
 ) -> None:
@@ -159,6 +180,7 @@ def test_parts_are_capped(
     assert not list((intake.spool / "queue").iterdir())
 
 
+@SQLITE_ONLY  # the cap is the parser's: one intake with the setting, on one backend
 def test_a_gzip_bomb_of_a_form_is_capped_once_inflated(
     make_intake: Callable[..., IntakeProcess], private_orthanc: OrthancProcess
 ) -> None:
