@@ -20,6 +20,8 @@ from tests.support.orthanc import OrthancProcess
 BACKENDS = ["sqlite", "postgresql"]
 # For a test whose subject plays no part in the database (a listener, a page, a file system).
 SQLITE_ONLY = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+# The same for a test on the module's shared intakes: only their SQLite instance.
+SHARED_SQLITE_ONLY = pytest.mark.parametrize("module_intakes", ["sqlite"], indirect=True)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import gzip
 from collections.abc import Callable
 
-import pytest
-
-from tests.conftest import SQLITE_ONLY
+from tests.conftest import SHARED_SQLITE_ONLY, SQLITE_ONLY
 from tests.support.archives import make_zip
 from tests.support.intake import IntakeProcess, Site, peak_rss, wait_until
 from tests.support.orthanc import OrthancProcess
@@ -17,7 +15,6 @@ BOUNDARY = "intake-test-boundary"
 # A protocol test's answer does not depend on the backend: it runs on SQLite alone, on the
 # SQLite intake the pipeline test shares (an indirect parametrization of the module-scoped
 # fixture: the same parameter, so the same cached intake).
-ON_SQLITE = pytest.mark.parametrize("module_intakes", ["sqlite"], indirect=True)
 
 
 def _form(parts: list[tuple[str, str | None, bytes]], *, close: bool = True) -> bytes:
@@ -77,7 +74,7 @@ def test_a_form_upload_is_answered_like_orthanc_and_every_file_arrives(
     wait_until(lambda: expected <= set(private_orthanc.instances()), timeout=60)
 
 
-@ON_SQLITE
+@SHARED_SQLITE_ONLY
 def test_asking_for_json_gets_a_result_per_file(
     shared_intake: IntakeProcess, fresh_site: Site
 ) -> None:
@@ -105,7 +102,7 @@ def test_asking_for_json_gets_a_result_per_file(
     assert second["IntakeReason"] == "malformed"
 
 
-@ON_SQLITE
+@SHARED_SQLITE_ONLY
 def test_a_refused_file_makes_the_plain_answer_an_error_naming_it(
     shared_intake: IntakeProcess, fresh_site: Site
 ) -> None:
@@ -120,7 +117,7 @@ def test_a_refused_file_makes_the_plain_answer_an_error_naming_it(
     assert b'"OrthancError":"Bad file format"' in content
 
 
-@ON_SQLITE
+@SHARED_SQLITE_ONLY
 def test_a_zip_in_a_form_is_unpacked(shared_intake: IntakeProcess, fresh_site: Site) -> None:
     intake, site = shared_intake, fresh_site
     archive = make_zip([(f"{i}.dcm", f) for i, f in enumerate(make_study(1, 2))])
@@ -131,7 +128,7 @@ def test_a_zip_in_a_form_is_unpacked(shared_intake: IntakeProcess, fresh_site: S
     assert content.count(b'"Status":"Success"') == 2
 
 
-@ON_SQLITE
+@SHARED_SQLITE_ONLY
 def test_a_body_without_its_closing_boundary_stores_nothing(
     shared_intake: IntakeProcess, fresh_site: Site
 ) -> None:
@@ -146,7 +143,7 @@ def test_a_body_without_its_closing_boundary_stores_nothing(
     assert not list((intake.spool / "tmp").iterdir())
 
 
-@ON_SQLITE
+@SHARED_SQLITE_ONLY
 def test_garbage_and_missing_boundaries_get_clear_errors(
     shared_intake: IntakeProcess, fresh_site: Site
 ) -> None:

@@ -12,6 +12,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 
 from app.intake import stow
+from tests.conftest import SHARED_SQLITE_ONLY
 from tests.support.intake import IntakeProcess, Site, wait_until
 from tests.support.orthanc import OrthancProcess
 from tests.support.studies import make_study
@@ -30,7 +31,6 @@ def _client(intake: IntakeProcess, site: Site) -> DICOMwebClient:
 # A protocol test's answer does not depend on the backend: it runs on SQLite alone, on the
 # SQLite intake the pipeline test shares (an indirect parametrization of the module-scoped
 # fixture: the same parameter, so the same cached intake).
-ON_SQLITE = pytest.mark.parametrize("module_intakes", ["sqlite"], indirect=True)
 
 
 def test_dicomweb_client_stores_a_study(
@@ -60,7 +60,7 @@ def test_dicomweb_client_stores_a_study(
         wait_until(stored, timeout=60)
 
 
-@ON_SQLITE
+@SHARED_SQLITE_ONLY
 def test_an_instance_of_another_study_is_refused_alone(
     shared_intake: IntakeProcess, fresh_site: Site
 ) -> None:
@@ -99,7 +99,7 @@ def _post(
 RELATED = 'multipart/related; type="application/dicom"; boundary=stow-boundary'
 
 
-@ON_SQLITE
+@SHARED_SQLITE_ONLY
 def test_nothing_stored_is_a_409_with_reasons(
     shared_intake: IntakeProcess, fresh_site: Site
 ) -> None:
@@ -114,7 +114,7 @@ def test_nothing_stored_is_a_409_with_reasons(
     ]
 
 
-@ON_SQLITE
+@SHARED_SQLITE_ONLY
 def test_a_conflicting_resend_is_reported_as_a_duplicate_sop_instance(
     shared_intake: IntakeProcess, fresh_site: Site
 ) -> None:
@@ -129,7 +129,7 @@ def test_a_conflicting_resend_is_reported_as_a_duplicate_sop_instance(
     assert failed["00081197"]["Value"] == [stow.DUPLICATE_SOP_INSTANCE]
 
 
-@ON_SQLITE
+@SHARED_SQLITE_ONLY
 @pytest.mark.parametrize(
     ("content_type", "accept", "status"),
     [
@@ -153,7 +153,7 @@ def test_requests_the_intake_cannot_serve_get_precise_errors(
     assert response.json()["Details"]
 
 
-@ON_SQLITE
+@SHARED_SQLITE_ONLY
 def test_stow_needs_a_site_token(shared_intake: IntakeProcess) -> None:
     with httpx.Client(base_url=shared_intake.url) as client:
         response = client.post(

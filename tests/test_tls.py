@@ -8,14 +8,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ModuleIntakes
+from tests.conftest import SHARED_SQLITE_ONLY, ModuleIntakes
 from tests.support.certs import make_server_cert
 from tests.support.intake import IntakeProcess, wait_until
 from tests.support.orthanc import OrthancProcess
 from tests.support.studies import make_study
 
 # The listener's TLS: the database plays no part, so one intake on SQLite serves the module.
-pytestmark = pytest.mark.parametrize("module_intakes", ["sqlite"], indirect=True)
+pytestmark = SHARED_SQLITE_ONLY
 
 
 @pytest.fixture(scope="module")

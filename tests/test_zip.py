@@ -10,7 +10,7 @@ from sqlalchemy import create_engine, select
 
 from app.db.models import Site as SiteRecord
 from app.db.models import Upload
-from tests.conftest import SQLITE_ONLY
+from tests.conftest import SHARED_SQLITE_ONLY, SQLITE_ONLY
 from tests.support.archives import empty_zip, make_zip, overlapping_zip, quoted_overlap_zip
 from tests.support.intake import IntakeProcess, Site, peak_rss, wait_until
 from tests.support.orthanc import OrthancProcess
@@ -20,7 +20,6 @@ ORTHANC_FIELDS = ("ID", "ParentPatient", "ParentSeries", "ParentStudy", "Path", 
 # A protocol test's answer does not depend on the backend: it runs on SQLite alone, on the
 # SQLite intake the pipeline test shares (an indirect parametrization of the module-scoped
 # fixture: the same parameter, so the same cached intake).
-ON_SQLITE = pytest.mark.parametrize("module_intakes", ["sqlite"], indirect=True)
 
 
 def _rows(
@@ -82,7 +81,7 @@ def test_a_zip_is_answered_like_orthanc_and_every_entry_arrives(
     assert [r.reason for r in skipped] == ["not_dicom"]
 
 
-@ON_SQLITE
+@SHARED_SQLITE_ONLY
 def test_dicomdir_and_non_dicom_entries_are_skipped_and_recorded(
     shared_intake: IntakeProcess, fresh_site: Site
 ) -> None:
@@ -105,7 +104,7 @@ def test_dicomdir_and_non_dicom_entries_are_skipped_and_recorded(
     ]
 
 
-@ON_SQLITE
+@SHARED_SQLITE_ONLY
 def test_an_empty_archive_answers_an_empty_array(
     shared_intake: IntakeProcess, fresh_site: Site
 ) -> None:
@@ -117,7 +116,7 @@ def test_an_empty_archive_answers_an_empty_array(
     assert response.json() == []
 
 
-@ON_SQLITE
+@SHARED_SQLITE_ONLY
 def test_a_bad_entry_fails_alone_with_its_reason(
     shared_intake: IntakeProcess, fresh_site: Site, private_orthanc: OrthancProcess
 ) -> None:
@@ -138,7 +137,7 @@ def test_a_bad_entry_fails_alone_with_its_reason(
     assert row.state == "rejected"
 
 
-@ON_SQLITE
+@SHARED_SQLITE_ONLY
 def test_a_nested_archive_entry_is_refused_and_the_rest_taken(
     shared_intake: IntakeProcess, fresh_site: Site
 ) -> None:
@@ -152,7 +151,7 @@ def test_a_nested_archive_entry_is_refused_and_the_rest_taken(
     assert ok["Status"] == "Success"
 
 
-@ON_SQLITE
+@SHARED_SQLITE_ONLY
 def test_resending_an_archive_answers_already_stored(
     shared_intake: IntakeProcess, fresh_site: Site
 ) -> None:
@@ -165,7 +164,7 @@ def test_resending_an_archive_answers_already_stored(
     assert [a["IntakeState"] for a in again] == ["duplicate"] * 3
 
 
-@ON_SQLITE
+@SHARED_SQLITE_ONLY
 @pytest.mark.parametrize(
     ("make", "status", "reason"),
     [
@@ -194,7 +193,7 @@ def test_hostile_archives_are_refused_whole_and_nothing_is_kept(
     assert intake.returncode is None
 
 
-@ON_SQLITE
+@SHARED_SQLITE_ONLY
 def test_a_gzip_encoded_archive_is_unpacked(shared_intake: IntakeProcess, fresh_site: Site) -> None:
     intake, site = shared_intake, fresh_site
     data = make_zip([("a.dcm", make_study(1, 1)[0])])
@@ -203,7 +202,7 @@ def test_a_gzip_encoded_archive_is_unpacked(shared_intake: IntakeProcess, fresh_
     assert [a["Status"] for a in response.json()] == ["Success"]
 
 
-@ON_SQLITE
+@SHARED_SQLITE_ONLY
 def test_an_archive_mislabelled_gzip_is_still_an_archive(
     shared_intake: IntakeProcess, fresh_site: Site
 ) -> None:
@@ -227,7 +226,7 @@ def test_archive_entries_count_against_the_request_caps(
     assert response.json()["Details"] == "the archive holds 4 entries; the limit is 3"
 
 
-@ON_SQLITE
+@SHARED_SQLITE_ONLY
 def test_every_entry_counts_against_the_sites_rate(
     shared_intake: IntakeProcess, fresh_site: Site
 ) -> None:
@@ -248,7 +247,7 @@ def test_every_entry_counts_against_the_sites_rate(
     assert int(again.headers["retry-after"]) >= 1
 
 
-@ON_SQLITE
+@SHARED_SQLITE_ONLY
 def test_bombs_cost_the_intake_little_memory(
     shared_intake: IntakeProcess, fresh_site: Site
 ) -> None:
