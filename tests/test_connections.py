@@ -197,7 +197,17 @@ def test_one_client_cannot_hold_more_than_its_share(edge: IntakeProcess, edge_si
     """Past INTAKE_MAX_CONNECTIONS_PER_CLIENT, a client's new connections close at once;
     another client, and real uploads, are served meanwhile."""
     source = "127.0.0.77"
-    with _closing([_connect(edge.public_port, source) for _ in range(PER_CLIENT + 6)]) as socks:
+    socks: list[socket.socket] = []
+    reset = 0
+    with _closing(socks):
+        for _ in range(PER_CLIENT + 6):
+            try:
+                socks.append(_connect(edge.public_port, source))
+            except ConnectionResetError:
+                # An excess connection that the server reset before this client's connect()
+                # returned (a busy machine): refused, as it should be.
+                reset += 1
+        assert reset <= 6  # never one within the client's share
         wait_until(
             lambda: len(_server_holds(edge.public_port, _ports(socks))) == PER_CLIENT,
             timeout=5,
