@@ -20,7 +20,8 @@ from tests.support.orthanc import OrthancProcess
 BACKENDS = ["sqlite", "postgresql"]
 # For a test whose subject plays no part in the database (a listener, a page, a file system).
 SQLITE_ONLY = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-# The same for a test on the module's shared intakes: only their SQLite instance.
+# The same for a test on the module's shared intakes: only their SQLite instance (the same
+# parameter, so the same cached intake as the module's tests on both backends use).
 SHARED_SQLITE_ONLY = pytest.mark.parametrize("module_intakes", ["sqlite"], indirect=True)
 
 
@@ -202,21 +203,6 @@ def intake(
     return make_intake(private_orthanc)
 
 
-@pytest.fixture(scope="module")
-def module_intake(
-    tmp_path_factory: pytest.TempPathFactory, private_orthanc: OrthancProcess
-) -> Iterator[IntakeProcess]:
-    """One intake on SQLite for a module's protocol tests (parsing does not depend on the
-    backend; each such module also runs its pipeline path on both backends via `intake`)."""
-    workdir = tmp_path_factory.mktemp("module-intake")
-    process = IntakeProcess(
-        workdir / "intake", f"sqlite:///{workdir / 'intake.db'}", orthanc=private_orthanc
-    )
-    process.start()
-    yield process
-    process.kill()
-
-
 ModuleIntakes = Callable[..., IntakeProcess]
 
 
@@ -271,11 +257,6 @@ def fresh_site(shared_intake: IntakeProcess) -> Site:
 def fresh_admin(shared_intake: IntakeProcess) -> Admin:
     """An admin of its own on the shared intake."""
     return shared_intake.add_admin(f"admin-{uuid.uuid4().hex[:12]}")
-
-
-@pytest.fixture(scope="module")
-def module_site(module_intake: IntakeProcess) -> Site:
-    return module_intake.add_site("protocol-site")
 
 
 @pytest.fixture

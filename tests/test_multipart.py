@@ -12,9 +12,6 @@ from tests.support.orthanc import OrthancProcess
 from tests.support.studies import make_study
 
 BOUNDARY = "intake-test-boundary"
-# A protocol test's answer does not depend on the backend: it runs on SQLite alone, on the
-# SQLite intake the pipeline test shares (an indirect parametrization of the module-scoped
-# fixture: the same parameter, so the same cached intake).
 
 
 def _form(parts: list[tuple[str, str | None, bytes]], *, close: bool = True) -> bytes:

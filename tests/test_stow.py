@@ -28,11 +28,6 @@ def _client(intake: IntakeProcess, site: Site) -> DICOMwebClient:
     return DICOMwebClient(url=f"{intake.url}/dicom-web", session=session)
 
 
-# A protocol test's answer does not depend on the backend: it runs on SQLite alone, on the
-# SQLite intake the pipeline test shares (an indirect parametrization of the module-scoped
-# fixture: the same parameter, so the same cached intake).
-
-
 def test_dicomweb_client_stores_a_study(
     shared_intake: IntakeProcess, fresh_site: Site, private_orthanc: OrthancProcess
 ) -> None:

@@ -2,8 +2,8 @@
 
 One backend (SQLite) is enough here: the page speaks HTTP to ``POST /instances`` like any
 other client, and that route is tested on both databases by test_upload.py and others.
-The tests share one intake (``module_intake``), each with a site of its own; the one that
-stops the intake starts its own.
+The tests share the module's SQLite intake (``shared_intake``), each with a site of its
+own; the one that stops the intake starts its own.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pydicom
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from tests.conftest import SQLITE_ONLY
+from tests.conftest import SHARED_SQLITE_ONLY, SQLITE_ONLY
 from tests.support.browser import chromium, drop_files, watch_auth_challenges
 from tests.support.intake import IntakeProcess, Site, wait_until
 from tests.support.orthanc import OrthancProcess
@@ -105,11 +105,6 @@ def _save_screenshot(page: Page, tmp_path: Path, name: str) -> Path:
     return shot
 
 
-def _new_site(intake: IntakeProcess) -> Site:
-    """A site of its own: the page tests share one intake (module_intake, SQLite)."""
-    return intake.add_site(f"hospital-{uuid.uuid4().hex[:12]}")
-
-
 def _open(page: Page, intake: IntakeProcess, site_name: str, token: str) -> None:
     page.goto(f"{intake.url}/upload")
     page.get_by_label("Site name").fill(site_name)
@@ -117,15 +112,17 @@ def _open(page: Page, intake: IntakeProcess, site_name: str, token: str) -> None
 
 
 @pytest.mark.orthanc
+@SHARED_SQLITE_ONLY
 def test_a_folder_is_sent_and_every_file_is_accounted_for(
-    module_intake: IntakeProcess,
+    shared_intake: IntakeProcess,
+    fresh_site: Site,
     private_orthanc: OrthancProcess,
     page: Page,
     tmp_path: Path,
 ) -> None:
     """Nested folders are sent; the broken file shows the intake's reason; the rest is left out."""
-    intake = module_intake
-    site = _new_site(intake)
+    intake = shared_intake
+    site = fresh_site
     study = make_study(n_series=3, per_series=4)
     folder = _export_folder(tmp_path, study, per_series=4)
     # One file as a bare data set (no preamble, DICM or File Meta), which Orthanc stores.
@@ -187,11 +184,12 @@ def test_a_folder_is_sent_and_every_file_is_accounted_for(
     assert _save_screenshot(page, tmp_path, "upload-page.png").stat().st_size > 0
 
 
+@SHARED_SQLITE_ONLY
 def test_the_drop_zone_is_reached_and_opened_from_the_keyboard(
-    module_intake: IntakeProcess, page: Page, tmp_path: Path
+    shared_intake: IntakeProcess, page: Page, tmp_path: Path
 ) -> None:
     """Tab reaches the drop zone, its focus is visible, Enter and Space open the picker."""
-    intake = module_intake
+    intake = shared_intake
     # Playwright turns file-chooser interception on without waiting for it; a listener
     # from the start makes sure it is on before the first key press.
     page.on("filechooser", lambda _: None)
@@ -216,13 +214,14 @@ def test_the_drop_zone_is_reached_and_opened_from_the_keyboard(
     expect(page.locator("#status")).to_have_attribute("data-state", "chosen")
 
 
+@SHARED_SQLITE_ONLY
 def test_a_wrong_token_is_explained_and_nothing_is_sent(
-    module_intake: IntakeProcess, page: Page, tmp_path: Path
+    shared_intake: IntakeProcess, page: Page, tmp_path: Path
 ) -> None:
     """The intake's 401 reason is shown on the page, with no login dialog and no upload."""
-    intake = module_intake
-    site = _new_site(intake)
-    other = _new_site(intake)
+    intake = shared_intake
+    site = intake.add_site(f"hospital-{uuid.uuid4().hex[:12]}")
+    other = intake.add_site(f"hospital-{uuid.uuid4().hex[:12]}")
     folder = _export_folder(tmp_path, make_study(n_series=1, per_series=2), per_series=2)
     challenged = watch_auth_challenges(page)
     sent: list[str] = []
@@ -244,12 +243,13 @@ def test_a_wrong_token_is_explained_and_nothing_is_sent(
     assert other.token not in page.url
 
 
+@SHARED_SQLITE_ONLY
 def test_a_dropped_folder_is_read_to_the_end(
-    module_intake: IntakeProcess, page: Page, tmp_path: Path
+    shared_intake: IntakeProcess, fresh_site: Site, page: Page, tmp_path: Path
 ) -> None:
     """Folders dropped with loose files are walked down, past readEntries' first batch."""
-    intake = module_intake
-    site = _new_site(intake)
+    intake = shared_intake
+    site = fresh_site
     # Chromium hands a folder's entries out about 100 at a time.
     study = make_study(n_series=1, per_series=130, rows=8, cols=8)
     folder = tmp_path / "dropped"
@@ -274,12 +274,13 @@ def test_a_dropped_folder_is_read_to_the_end(
     expect(page.locator("#skipped")).to_contain_text("dropped/a/readme.txt")
 
 
+@SHARED_SQLITE_ONLY
 def test_too_many_requests_is_waited_out_and_retried(
-    module_intake: IntakeProcess, page: Page, tmp_path: Path
+    shared_intake: IntakeProcess, fresh_site: Site, page: Page, tmp_path: Path
 ) -> None:
     """429 answers (one upload at a time allowed) are retried after Retry-After, not before."""
-    intake = module_intake
-    site = _new_site(intake)
+    intake = shared_intake
+    site = fresh_site
     limited = intake.cli("sites", "policy", site.name, "--max-concurrent-uploads", "1", "--json")
     assert limited.returncode == 0, limited.stderr
     # Files large enough that the page's parallel uploads overlap on the intake.
@@ -316,11 +317,12 @@ def test_too_many_requests_is_waited_out_and_retried(
     assert next_send - first_429 >= 4.5
 
 
+@SHARED_SQLITE_ONLY
 def test_the_page_is_served_without_credentials_and_with_strict_headers(
-    module_intake: IntakeProcess,
+    shared_intake: IntakeProcess,
 ) -> None:
     """No inline code, no framing, no referrer, no caching of the page; assets revalidate."""
-    intake = module_intake
+    intake = shared_intake
     with httpx.Client(base_url=intake.url, timeout=30) as client:
         page = client.get("/upload")
         script = client.get("/upload/upload.js")

@@ -17,9 +17,6 @@ from tests.support.orthanc import OrthancProcess
 from tests.support.studies import make_study
 
 ORTHANC_FIELDS = ("ID", "ParentPatient", "ParentSeries", "ParentStudy", "Path", "Status")
-# A protocol test's answer does not depend on the backend: it runs on SQLite alone, on the
-# SQLite intake the pipeline test shares (an indirect parametrization of the module-scoped
-# fixture: the same parameter, so the same cached intake).
 
 
 def _rows(
